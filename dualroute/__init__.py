@@ -1,0 +1,1 @@
+"""dualroute: dual-layer routed mixture-of-experts for PyTorch."""

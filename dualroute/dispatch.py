@@ -1,0 +1,137 @@
+"""Sort-based dropless dispatch: order the N = T*K routed rows by expert, and back.
+
+Shapes: T tokens, K experts per token, N = T*K routed rows, D model dim, E experts.
+
+``plan_dispatch`` sorts the flat ``(token, slot)`` rows by expert once. ``dispatch`` gathers
+token rows into that order; ``combine`` puts expert outputs back in ``(token, slot)`` order
+and sums the K slots with their routing weights. Both are gathers whose backward is the
+opposite gather (a row permutation is undone by its inverse), so neither direction needs a
+scatter-add.
+
+With a capacity, each expert keeps at most C rows, highest routing weight first; the
+dropped rows are sorted to the end, are never computed, and contribute zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    order_N: torch.Tensor  # sorted position -> flat row (token * K + slot); dropped rows last
+    inverse_N: torch.Tensor  # flat row -> sorted position
+    token_N: torch.Tensor  # sorted position -> token
+    counts_E: torch.Tensor  # kept rows per expert (int64)
+    dropped_E: torch.Tensor  # dropped rows per expert (int64)
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.order_N.shape[0]
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows an expert may take: ``ceil(capacity_factor * T * K / E)``."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def plan_dispatch(
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+) -> DispatchPlan:
+    T, K = expert_ids_TK.shape
+    ids_N = expert_ids_TK.reshape(-1)
+    device = ids_N.device
+    if capacity is None:
+        order_N = torch.argsort(ids_N, stable=True)
+        counts_E = _bincount(ids_N, num_experts)
+        dropped_E = torch.zeros_like(counts_E)
+    else:
+        order_N, counts_E, dropped_E = _plan_with_capacity(ids_N, weights_TK.reshape(-1), num_experts, capacity)
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.shape[0], device=device)
+    return DispatchPlan(
+        order_N=order_N,
+        inverse_N=inverse_N,
+        token_N=torch.div(order_N, K, rounding_mode="floor"),
+        counts_E=counts_E,
+        dropped_E=dropped_E,
+        num_tokens=T,
+        top_k=K,
+    )
+
+
+def _bincount(ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    # scatter_add keeps a static output shape (bincount's depends on the data), for torch.compile.
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_N.device)
+    return counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+
+
+def _plan_with_capacity(ids_N, weights_N, num_experts, capacity):
+    # Sort by expert, heaviest rows first inside each expert (two stable sorts = a lexsort).
+    by_weight_N = torch.argsort(weights_N.detach(), descending=True, stable=True)
+    order_N = by_weight_N[torch.argsort(ids_N[by_weight_N], stable=True)]
+    sorted_ids_N = ids_N[order_N]
+    total_E = _bincount(ids_N, num_experts)
+    start_E = torch.cumsum(total_E, 0) - total_E
+    rank_N = torch.arange(ids_N.shape[0], device=ids_N.device) - start_E[sorted_ids_N]
+    keep_N = rank_N < capacity
+    # Dropped rows go to a virtual expert E, i.e. after every kept row.
+    key_N = torch.where(keep_N, sorted_ids_N, num_experts)
+    order_N = order_N[torch.argsort(key_N, stable=True)]
+    counts_E = torch.clamp(total_E, max=capacity)
+    return order_N, counts_E, total_E - counts_E
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_TD -> x_ND (each token K times, in sorted order). Backward: gather back, sum K slots."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_N, inverse_N, top_k):
+        ctx.save_for_backward(inverse_N)
+        ctx.shape = (x_TD.shape[0], top_k, x_TD.shape[1])
+        return x_TD.index_select(0, token_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inverse_N,) = ctx.saved_tensors
+        grad_TD = grad_ND.index_select(0, inverse_N).view(ctx.shape).sum(1)
+        return grad_TD, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y[i] = x[index[i]] for a permutation; backward gathers with the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, x_ND, index_N, inverse_N):
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inverse_N), None, None
+
+
+def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Token rows in expert order, ``(N, D)``. Dropped rows are included (at the end)."""
+    return _GatherTokens.apply(x_TD, plan.token_N, plan.inverse_N, plan.top_k)
+
+
+def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """``out[t] = sum_k weights[t, k] * y[row of (t, k)]``; rows past ``y_ND`` (dropped) count as 0."""
+    N, T, K = plan.num_rows, plan.num_tokens, plan.top_k
+    if y_ND.shape[0] < N:  # dropped rows were not computed
+        y_ND = torch.cat([y_ND, y_ND.new_zeros(N - y_ND.shape[0], y_ND.shape[1])])
+    y_TKD = _PermuteRows.apply(y_ND, plan.inverse_N, plan.order_N).view(T, K, -1)
+    weights_TK1 = weights_TK.to(y_ND.dtype).unsqueeze(-1)
+    if K == 1:
+        return (y_TKD * weights_TK1).squeeze(1)
+    return (y_TKD * weights_TK1).sum(1)

@@ -1,0 +1,162 @@
+"""The dual-layer routed MoE layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+Shapes: T tokens, D model dim, F expert hidden dim, E experts, G groups, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import combine, dispatch, expert_capacity, plan_dispatch
+from .experts import ExpertConfig, ExpertKind, Experts
+from .routing import Router, RouterConfig, RouterOptions, Routing
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A dual-layer MoE layer. ``router`` and ``experts`` are built from these fields."""
+
+    dim: int  # D
+    hidden: int  # F, per expert
+    num_experts: int = 8  # E
+    experts_per_token: int = 2  # K
+    num_groups: int = 1  # G
+    groups_per_token: int = 1  # J
+    expert_kind: ExpertKind = "swiglu"
+    router: RouterOptions = field(default_factory=RouterOptions)  # scoring, weighting, balancing options
+    expert_bias: bool = False
+    activation: str = "gelu"
+    out_dim: int | None = None
+    num_shared_experts: int = 0  # always-on experts, each of width F (DeepSeekMoE / Qwen-MoE)
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared output
+    capacity_factor: float | None = None  # training; None = dropless
+    eval_capacity_factor: float | None = None  # eval; None = dropless
+
+    def __post_init__(self) -> None:
+        # Building the sub-configs validates every field and names the bad value.
+        self.router_config()
+        self.expert_config()
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(
+            dim=self.dim,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            num_groups=self.num_groups,
+            groups_per_token=self.groups_per_token,
+            options=self.router,
+        )
+
+    def expert_config(self) -> ExpertConfig:
+        return ExpertConfig(
+            dim=self.dim,
+            hidden=self.hidden,
+            num_experts=self.num_experts,
+            kind=self.expert_kind,
+            activation=self.activation,
+            bias=self.expert_bias,
+            out_dim=self.out_dim,
+        )
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """Everything the layer decided, for losses, balancing and logging. Nothing is kept on the module."""
+
+    routing: Routing
+    tokens_per_expert_E: torch.Tensor  # routed rows per expert, before capacity
+    tokens_per_group_G: torch.Tensor  # tokens per group (each token counts once per kept group)
+    dropped_per_expert_E: torch.Tensor
+    num_dropped: torch.Tensor  # 0-dim int64
+
+
+class DenseFFN(nn.Module):
+    """A dense feed-forward block with the same kinds as the experts (the fair baseline)."""
+
+    def __init__(self, dim: int, hidden: int, kind: ExpertKind = "swiglu", activation: str = "gelu",
+                 bias: bool = False, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.inner = Experts(ExpertConfig(dim, hidden, 1, kind, activation, bias, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.forward_one(0, x)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts: one dense block of width ``n * F``, optionally scaled by a sigmoid gate."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        width = cfg.num_shared_experts * cfg.hidden
+        self.ffn = DenseFFN(cfg.dim, width, cfg.expert_kind, cfg.activation, cfg.expert_bias, cfg.out_dim)
+        self.gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate else None
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.ffn(x_TD)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+        return y_TD
+
+
+class MoELayer(nn.Module):
+    """``forward(x_D) -> (y, aux)`` for input of shape ``(..., D)``."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg.router_config())
+        self.experts = Experts(cfg.expert_config())
+        self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        x_TD = self._flatten(x)
+        routing = self.router(x_TD)
+        y_TD, aux = self.route_and_compute(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux
+
+    def route_and_compute(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, MoEAux]:
+        """Dispatch, run the experts and combine, for a routing decided elsewhere."""
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        capacity = None if factor is None else expert_capacity(T, cfg.experts_per_token, cfg.num_experts, factor)
+        plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, cfg.num_experts, capacity)
+        x_ND = dispatch(x_TD, plan)
+        if capacity is not None:  # dropped rows sit at the end; never compute them
+            x_ND = x_ND[: T * cfg.experts_per_token - int(plan.dropped_E.sum())]
+        y_ND = self.experts(x_ND, plan.counts_E)
+        y_TD = combine(y_ND, routing.weights_TK, plan)
+        aux = MoEAux(
+            routing=routing,
+            tokens_per_expert_E=plan.counts_E + plan.dropped_E,
+            tokens_per_group_G=_bincount(routing.group_ids_TJ.reshape(-1), cfg.num_groups),
+            dropped_per_expert_E=plan.dropped_E,
+            num_dropped=plan.dropped_E.sum(),
+        )
+        return y_TD, aux
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoELayer expects a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoELayer expects a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"expected input of shape (..., {self.cfg.dim}), got {tuple(x.shape)}")
+        return x.reshape(-1, self.cfg.dim)
+
+
+def _bincount(ids: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))

@@ -1,0 +1,90 @@
+"""Plain reference for the MoE layer: per-token loops and dense masks, written to be read.
+
+Slow on purpose. Tests compare the fast path (``MoELayer.forward``) with ``reference_forward``
+on outputs and on every gradient; it uses the layer's own parameters, so gradients are
+comparable parameter by parameter. Training-time noise (jitter, noisy gating) and capacity
+are not modelled: call it on a layer in eval mode without an eval capacity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import MoELayer
+from .routing import routing_dtype
+
+
+def reference_routing(layer: MoELayer, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the dense combine matrix ``c_TE`` (weight of expert e for token t, 0 if unused)."""
+    router = layer.router
+    cfg, opt = router.cfg, router.opt
+    G, M, J, K = cfg.num_groups, cfg.experts_per_group, cfg.groups_per_token, cfg.experts_per_token
+    x32 = x_TD.to(routing_dtype(x_TD.dtype))
+    logits_TE = x32 @ router.gate.weight.to(x32.dtype).T
+    if router.gate.bias is not None:
+        logits_TE = logits_TE + router.gate.bias.to(x32.dtype)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        logits = logits_TE[t]
+        # p_e: the weight expert e would get; `choice`: what ranks experts (p + selection bias).
+        if opt.group_router == "learned":
+            p_group = _learned_group_probs(router, x32[t])
+            p = torch.cat([p_group[g] * _score(logits[g * M:(g + 1) * M], opt.score_func) for g in range(G)])
+        else:
+            p = _score(logits, opt.score_func)
+        choice = p.detach().clone()
+        if router.expert_bias_E is not None:
+            choice = choice + router.expert_bias_E
+        if opt.group_router == "learned":
+            group_rank = p_group.detach().clone()
+        else:  # the group's score is derived from its experts' selection scores
+            group_rank = torch.stack([_group_score(choice[g * M:(g + 1) * M], opt.group_score) for g in range(G)])
+        if router.group_bias_G is not None:
+            group_rank = group_rank + router.group_bias_G
+        kept_groups = sorted(range(G), key=lambda g: -float(group_rank[g]))[:J]
+        candidates = [e for g in kept_groups for e in range(g * M, (g + 1) * M)]
+        chosen = sorted(candidates, key=lambda e: -float(choice[e]))[:K]
+        w = torch.stack([p[e] for e in chosen])
+        if opt.renormalize:
+            w = w / (w.sum() + 1e-20)
+        w = w * opt.scaling_factor
+        row = torch.zeros(cfg.num_experts, dtype=p.dtype)
+        row = row.index_put((torch.tensor(chosen),), w)
+        rows.append(row)
+    c_TE = torch.stack(rows) if rows else logits_TE.new_zeros(0, cfg.num_experts)
+    return c_TE, logits_TE
+
+
+def reference_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """``y = sum_e c[t, e] * f_e(x_t)`` with every expert run on every token (dense masks)."""
+    x_TD = x.reshape(-1, layer.cfg.dim)
+    c_TE, _ = reference_routing(layer, x_TD)
+    y_TD = 0
+    for e in range(layer.cfg.num_experts):
+        y_TD = y_TD + c_TE[:, e : e + 1].to(x.dtype) * layer.experts.forward_one(e, x_TD)
+    if layer.shared is not None:
+        y_TD = y_TD + layer.shared(x_TD)
+    if not torch.is_tensor(y_TD):  # no experts ran (cannot happen with E >= 1); keep types honest
+        raise RuntimeError("reference produced no output")
+    return y_TD.reshape(*x.shape[:-1], -1)
+
+
+def _learned_group_probs(router, x_D: torch.Tensor) -> torch.Tensor:
+    if router.group_gate is None:
+        return torch.ones(1, dtype=x_D.dtype)
+    gl = x_D @ router.group_gate.weight.to(x_D.dtype).T
+    if router.group_gate.bias is not None:
+        gl = gl + router.group_gate.bias.to(x_D.dtype)
+    return torch.softmax(gl, dim=0)
+
+
+def _score(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    return torch.softmax(logits, dim=0) if score_func == "softmax" else torch.sigmoid(logits)
+
+
+def _group_score(scores_M: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "top2_sum" and scores_M.numel() >= 2:
+        return scores_M.topk(2).values.sum()
+    if how == "sum":
+        return scores_M.sum()
+    return scores_M.max()
