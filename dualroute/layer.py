@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .balance import BalanceConfig, aux_losses, weighted_total
 from .dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from .experts import ExpertConfig, ExpertKind, Experts
 from .routing import Router, RouterConfig, RouterOptions, Routing
@@ -36,6 +37,7 @@ class MoEConfig:
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared output
     capacity_factor: float | None = None  # training; None = dropless
     eval_capacity_factor: float | None = None  # eval; None = dropless
+    balance: BalanceConfig = field(default_factory=BalanceConfig)  # aux loss weights
 
     def __post_init__(self) -> None:
         # Building the sub-configs validates every field and names the bad value.
@@ -79,6 +81,8 @@ class MoEAux:
     tokens_per_group_G: torch.Tensor  # tokens per group (each token counts once per kept group)
     dropped_per_expert_E: torch.Tensor
     num_dropped: torch.Tensor  # 0-dim int64
+    losses: dict[str, torch.Tensor]  # unweighted aux losses whose weight is > 0
+    loss: torch.Tensor  # 0-dim float32: sum of weight * loss; add it to the task loss
 
 
 class DenseFFN(nn.Module):
@@ -119,15 +123,19 @@ class MoELayer(nn.Module):
         self.experts = Experts(cfg.expert_config())
         self.shared = SharedExperts(cfg) if cfg.num_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """``mask`` (shape ``x.shape[:-1]``, bool, True = real token) keeps padding out of the statistics."""
         x_TD = self._flatten(x)
+        mask_T = self._flatten_mask(mask, x)
         routing = self.router(x_TD)
-        y_TD, aux = self.route_and_compute(x_TD, routing)
+        y_TD, aux = self.route_and_compute(x_TD, routing, mask_T)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux
 
-    def route_and_compute(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, MoEAux]:
+    def route_and_compute(
+        self, x_TD: torch.Tensor, routing: Routing, mask_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux]:
         """Dispatch, run the experts and combine, for a routing decided elsewhere."""
         cfg = self.cfg
         T = x_TD.shape[0]
@@ -139,12 +147,15 @@ class MoELayer(nn.Module):
             x_ND = x_ND[: T * cfg.experts_per_token - int(plan.dropped_E.sum())]
         y_ND = self.experts(x_ND, plan.counts_E)
         y_TD = combine(y_ND, routing.weights_TK, plan)
+        values = aux_losses(routing, cfg.balance, mask_T)
         aux = MoEAux(
             routing=routing,
-            tokens_per_expert_E=plan.counts_E + plan.dropped_E,
-            tokens_per_group_G=_bincount(routing.group_ids_TJ.reshape(-1), cfg.num_groups),
+            tokens_per_expert_E=_bincount(routing.expert_ids_TK, cfg.num_experts, mask_T),
+            tokens_per_group_G=_bincount(routing.group_ids_TJ, cfg.num_groups, mask_T),
             dropped_per_expert_E=plan.dropped_E,
             num_dropped=plan.dropped_E.sum(),
+            losses=values,
+            loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
         )
         return y_TD, aux
 
@@ -157,6 +168,21 @@ class MoELayer(nn.Module):
             raise ValueError(f"expected input of shape (..., {self.cfg.dim}), got {tuple(x.shape)}")
         return x.reshape(-1, self.cfg.dim)
 
+    @staticmethod
+    def _flatten_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the input's leading shape {tuple(x.shape[:-1])}")
+        return mask.reshape(-1)
 
-def _bincount(ids: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+def _bincount(ids_TK: torch.Tensor, n: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """How many (token, slot) pairs chose each of ``n`` units, padding excluded."""
+    ones_TK = torch.ones_like(ids_TK)
+    if mask_T is not None:
+        ones_TK = ones_TK * mask_T.unsqueeze(-1)
+    counts = torch.zeros(n, dtype=torch.int64, device=ids_TK.device)
+    return counts.scatter_add_(0, ids_TK.reshape(-1), ones_TK.reshape(-1))

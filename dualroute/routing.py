@@ -116,7 +116,18 @@ class Routing:
     expert_logits_TE: torch.Tensor
     scores_TE: torch.Tensor
     group_logits_TG: torch.Tensor | None  # learned kind only
-    group_scores_TG: torch.Tensor  # p(g) (learned) or the derived group score
+    group_scores_TG: torch.Tensor  # p(g) (learned) or the derived group score (what groups are ranked by)
+
+    @property
+    def probs_TE(self) -> torch.Tensor:
+        """Per-token distribution over experts (scores normalised to sum to 1), for balance losses."""
+        return _normalise(self.scores_TE)
+
+    @property
+    def group_probs_TG(self) -> torch.Tensor:
+        """Per-token distribution over groups: p(g), or the experts' probabilities summed per group."""
+        G = self.group_scores_TG.shape[-1]
+        return self.probs_TE.view(self.scores_TE.shape[0], G, -1).sum(-1)
 
 
 class Router(nn.Module):
@@ -218,6 +229,10 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
 def _router_linear(x_TD: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     bias = None if linear.bias is None else linear.bias.to(x_TD.dtype)
     return F.linear(x_TD, linear.weight.to(x_TD.dtype), bias)
+
+
+def _normalise(scores_TE: torch.Tensor) -> torch.Tensor:
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=1e-20)
 
 
 def _score(logits: torch.Tensor, score_func: str) -> torch.Tensor:
