@@ -8,8 +8,9 @@ and sums the K slots with their routing weights. Both are gathers whose backward
 opposite gather (a row permutation is undone by its inverse), so neither direction needs a
 scatter-add.
 
-With a capacity, each expert keeps at most C rows, highest routing weight first; the
-dropped rows are sorted to the end, are never computed, and contribute zero.
+With a capacity, each expert (and/or each group of experts) keeps at most C rows, highest
+routing weight first; the dropped rows are sorted to the end, are never computed, and
+contribute zero.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class DispatchPlan:
         return self.order_N.shape[0]
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Rows an expert may take: ``ceil(capacity_factor * T * K / E)``."""
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+def expert_capacity(num_tokens: int, top_k: int, num_units: int, capacity_factor: float) -> int:
+    """Rows an expert (or a group: pass G) may take: ``ceil(capacity_factor * T * K / units)``."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_units)
 
 
 def plan_dispatch(
@@ -45,16 +46,24 @@ def plan_dispatch(
     weights_TK: torch.Tensor,
     num_experts: int,
     capacity: int | None = None,
+    group_capacity: int | None = None,
+    num_groups: int = 1,
 ) -> DispatchPlan:
+    """Sort rows by expert. ``capacity`` caps rows per expert, ``group_capacity`` rows per group
+    (expert ``e`` is in group ``e // (E / G)``); overflow rows with the lowest weight are dropped."""
     T, K = expert_ids_TK.shape
     ids_N = expert_ids_TK.reshape(-1)
     device = ids_N.device
-    if capacity is None:
+    total_E = _bincount(ids_N, num_experts)
+    if capacity is None and group_capacity is None:
         order_N = torch.argsort(ids_N, stable=True)
-        counts_E = _bincount(ids_N, num_experts)
-        dropped_E = torch.zeros_like(counts_E)
+        counts_E = total_E
     else:
-        order_N, counts_E, dropped_E = _plan_with_capacity(ids_N, weights_TK.reshape(-1), num_experts, capacity)
+        keep_N = _keep_within_capacity(ids_N, weights_TK.reshape(-1).detach(), num_experts, capacity,
+                                       group_capacity, num_groups)
+        key_N = torch.where(keep_N, ids_N, num_experts)  # dropped rows: a virtual expert E, sorted last
+        order_N = torch.argsort(key_N, stable=True)
+        counts_E = _bincount(key_N, num_experts + 1)[:num_experts]
     inverse_N = torch.empty_like(order_N)
     inverse_N[order_N] = torch.arange(order_N.shape[0], device=device)
     return DispatchPlan(
@@ -62,7 +71,7 @@ def plan_dispatch(
         inverse_N=inverse_N,
         token_N=torch.div(order_N, K, rounding_mode="floor"),
         counts_E=counts_E,
-        dropped_E=dropped_E,
+        dropped_E=total_E - counts_E,
         num_tokens=T,
         top_k=K,
     )
@@ -74,20 +83,26 @@ def _bincount(ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
 
 
-def _plan_with_capacity(ids_N, weights_N, num_experts, capacity):
-    # Sort by expert, heaviest rows first inside each expert (two stable sorts = a lexsort).
-    by_weight_N = torch.argsort(weights_N.detach(), descending=True, stable=True)
-    order_N = by_weight_N[torch.argsort(ids_N[by_weight_N], stable=True)]
-    sorted_ids_N = ids_N[order_N]
-    total_E = _bincount(ids_N, num_experts)
-    start_E = torch.cumsum(total_E, 0) - total_E
-    rank_N = torch.arange(ids_N.shape[0], device=ids_N.device) - start_E[sorted_ids_N]
-    keep_N = rank_N < capacity
-    # Dropped rows go to a virtual expert E, i.e. after every kept row.
-    key_N = torch.where(keep_N, sorted_ids_N, num_experts)
-    order_N = order_N[torch.argsort(key_N, stable=True)]
-    counts_E = torch.clamp(total_E, max=capacity)
-    return order_N, counts_E, total_E - counts_E
+def _keep_within_capacity(ids_N, weights_N, num_experts, capacity, group_capacity, num_groups):
+    keep_N = torch.ones_like(ids_N, dtype=torch.bool)
+    if group_capacity is not None:  # level 1 first: a row dropped by its group uses no expert slot
+        groups_N = torch.div(ids_N, num_experts // num_groups, rounding_mode="floor")
+        keep_N &= _rank_within(groups_N, weights_N, num_groups) < group_capacity
+    if capacity is not None:
+        units_N = torch.where(keep_N, ids_N, num_experts)
+        keep_N &= _rank_within(units_N, weights_N, num_experts + 1) < capacity
+    return keep_N
+
+
+def _rank_within(units_N: torch.Tensor, weights_N: torch.Tensor, num_units: int) -> torch.Tensor:
+    """Each row's place among its unit's rows, heaviest first (0 = heaviest)."""
+    by_weight_N = torch.argsort(weights_N, descending=True, stable=True)
+    order_N = by_weight_N[torch.argsort(units_N[by_weight_N], stable=True)]  # two stable sorts = lexsort
+    counts_U = _bincount(units_N, num_units)
+    start_U = torch.cumsum(counts_U, 0) - counts_U
+    rank_N = torch.empty_like(order_N)
+    rank_N[order_N] = torch.arange(order_N.shape[0], device=order_N.device) - start_U[units_N[order_N]]
+    return rank_N
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -131,7 +146,4 @@ def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) ->
     if y_ND.shape[0] < N:  # dropped rows were not computed
         y_ND = torch.cat([y_ND, y_ND.new_zeros(N - y_ND.shape[0], y_ND.shape[1])])
     y_TKD = _PermuteRows.apply(y_ND, plan.inverse_N, plan.order_N).view(T, K, -1)
-    weights_TK1 = weights_TK.to(y_ND.dtype).unsqueeze(-1)
-    if K == 1:
-        return (y_TKD * weights_TK1).squeeze(1)
-    return (y_TKD * weights_TK1).sum(1)
+    return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)

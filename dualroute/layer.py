@@ -35,8 +35,10 @@ class MoEConfig:
     out_dim: int | None = None
     num_shared_experts: int = 0  # always-on experts, each of width F (DeepSeekMoE / Qwen-MoE)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared output
-    capacity_factor: float | None = None  # training; None = dropless
-    eval_capacity_factor: float | None = None  # eval; None = dropless
+    capacity_factor: float | None = None  # rows per expert, training; None = dropless
+    eval_capacity_factor: float | None = None  # rows per expert, eval; None = dropless
+    group_capacity_factor: float | None = None  # rows per group (level 1), training
+    eval_group_capacity_factor: float | None = None  # rows per group, eval
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # aux loss weights
 
     def __post_init__(self) -> None:
@@ -45,7 +47,8 @@ class MoEConfig:
         self.expert_config()
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
+        for name in ("capacity_factor", "eval_capacity_factor", "group_capacity_factor",
+                     "eval_group_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
@@ -138,13 +141,12 @@ class MoELayer(nn.Module):
     ) -> tuple[torch.Tensor, MoEAux]:
         """Dispatch, run the experts and combine, for a routing decided elsewhere."""
         cfg = self.cfg
-        T = x_TD.shape[0]
-        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        capacity = None if factor is None else expert_capacity(T, cfg.experts_per_token, cfg.num_experts, factor)
-        plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, cfg.num_experts, capacity)
+        capacity, group_capacity = self._capacities(x_TD.shape[0])
+        plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, cfg.num_experts, capacity,
+                             group_capacity, cfg.num_groups)
         x_ND = dispatch(x_TD, plan)
-        if capacity is not None:  # dropped rows sit at the end; never compute them
-            x_ND = x_ND[: T * cfg.experts_per_token - int(plan.dropped_E.sum())]
+        if capacity is not None or group_capacity is not None:  # dropped rows sit at the end: skip them
+            x_ND = x_ND[: plan.num_rows - int(plan.dropped_E.sum())]
         y_ND = self.experts(x_ND, plan.counts_E)
         y_TD = combine(y_ND, routing.weights_TK, plan)
         values = aux_losses(routing, cfg.balance, mask_T)
@@ -158,6 +160,15 @@ class MoELayer(nn.Module):
             loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
         )
         return y_TD, aux
+
+    def _capacities(self, T: int) -> tuple[int | None, int | None]:
+        cfg = self.cfg
+        K = cfg.experts_per_token
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        group_factor = cfg.group_capacity_factor if self.training else cfg.eval_group_capacity_factor
+        capacity = None if factor is None else expert_capacity(T, K, cfg.num_experts, factor)
+        group_capacity = None if group_factor is None else expert_capacity(T, K, cfg.num_groups, group_factor)
+        return capacity, group_capacity
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
