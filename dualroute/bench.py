@@ -1,0 +1,196 @@
+"""``dualroute bench layer``: time the MoE layer against its fair baselines, side by side.
+
+Every comparison runs in one process, alternating the contenders round by round so that a
+noisy neighbour slows both, and reports medians and ratios (never absolute pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layer import DenseFFN, MoEConfig, MoELayer
+
+
+class SeedMixture(nn.Module):
+    """The seed's dense soft mixture: every expert on every token, ``y = sum_i p_i f_i(x)``.
+
+    Written the seed's way (a Python loop over experts), sharing the MoE layer's weights.
+    """
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        probs_TE = self.layer.router.gate(x_TD).softmax(dim=-1)
+        y_TD = 0
+        for e in range(self.layer.cfg.num_experts):
+            y_TD = y_TD + probs_TE[:, e : e + 1] * self.layer.experts.forward_one(e, x_TD)
+        return y_TD
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[], None]
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def train_step(module: nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward; gradients are dropped each time as an optimizer's zero_grad would."""
+    x_TD = x_TD.detach().requires_grad_(True)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        _output(module(x_TD)).backward(grad_TD)
+
+    return step
+
+
+def infer_step(module: nn.Module, x_TD: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            module(x_TD)
+
+    return step
+
+
+def time_alternating(contenders: list[Contender], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each contender, measured round-robin."""
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for i in range(warmup + repeats):
+        for c in contenders:
+            start = time.perf_counter()
+            c.step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[c.name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _moe(D: int, F: int, E: int, K: int, G: int = 1, J: int = 1) -> MoELayer:
+    return MoELayer(MoEConfig(dim=D, hidden=F, num_experts=E, experts_per_token=K, num_groups=G, groups_per_token=J))
+
+
+def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_TD = torch.randn(T, D, generator=gen)
+    g_TD = torch.randn(T, D, generator=gen)
+    moe8 = _moe(D, F, 8, 2)
+    dense = DenseFFN(D, 2 * F)  # same active size as K=2 experts of width F
+    rounds = {}
+
+    rounds["moe_vs_dense"] = time_alternating([
+        Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
+        Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
+        Contender("seed_all_experts_E8", train_step(SeedMixture(moe8), x_TD, g_TD)),
+    ], repeats)
+    rounds["dual_vs_flat"] = time_alternating([
+        Contender("dual_G4_J2_E16_K2", train_step(_moe(D, F, 16, 2, G=4, J=2), x_TD, g_TD)),
+        Contender("flat_E16_K2", train_step(_moe(D, F, 16, 2), x_TD, g_TD)),
+    ], repeats)
+    rounds["scaling_E"] = time_alternating([
+        Contender("moe_E64_K2", train_step(_moe(D, F, 64, 2), x_TD, g_TD)),
+        Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
+        Contender("moe_E8_K4", train_step(_moe(D, F, 8, 4), x_TD, g_TD)),
+        Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
+    ], repeats)
+    for n in (1, 16):
+        rounds[f"decode_T{n}"] = time_alternating([
+            Contender("moe_E8_K2", infer_step(moe8, x_TD[:n])),
+            Contender("dense_F2x", infer_step(dense, x_TD[:n])),
+        ], decode_repeats, warmup=5)
+    return rounds
+
+
+def ratios(rounds: dict) -> dict[str, float]:
+    r = {
+        "moe_over_dense": rounds["moe_vs_dense"]["moe_E8_K2"] / rounds["moe_vs_dense"]["dense_F2x"],
+        "allexperts_over_moe": rounds["moe_vs_dense"]["seed_all_experts_E8"] / rounds["moe_vs_dense"]["moe_E8_K2"],
+        "dual_over_flat": rounds["dual_vs_flat"]["dual_G4_J2_E16_K2"] / rounds["dual_vs_flat"]["flat_E16_K2"],
+        "e64_over_dense": rounds["scaling_E"]["moe_E64_K2"] / rounds["scaling_E"]["dense_F2x"],
+        "e64_over_e8": rounds["scaling_E"]["moe_E64_K2"] / rounds["scaling_E"]["moe_E8_K2"],
+        "k4_over_k2": rounds["scaling_E"]["moe_E8_K4"] / rounds["scaling_E"]["moe_E8_K2"],
+    }
+    for n in (1, 16):
+        r[f"decode_T{n}_moe_over_dense"] = rounds[f"decode_T{n}"]["moe_E8_K2"] / rounds[f"decode_T{n}"]["dense_F2x"]
+    return r
+
+
+TARGETS = {  # (comparison, bound) from the project's acceptance list
+    "moe_over_dense": ("<=", 1.10),
+    "allexperts_over_moe": (">=", 3.5),
+    "dual_over_flat": ("<=", 1.10),
+    "e64_over_dense": ("<=", 1.30),
+}
+
+
+def _verdict(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, bound = TARGETS[key]
+    ok = value <= bound if op == "<=" else value >= bound
+    return f"target {op} {bound:.2f}: {'met' if ok else 'MISSED'}"
+
+
+def run_layer(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="dualroute bench layer", description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--decode-repeats", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    for name in ("tokens", "dim", "hidden", "repeats", "decode_repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    rounds = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats)
+    result = {
+        "setup": {
+            "T": args.tokens, "D": args.dim, "F": args.hidden, "dtype": "float32", "threads": args.threads,
+            "expert_kind": "swiglu", "repeats": args.repeats, "torch": torch.__version__,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "timing": "median seconds per forward+backward (decode: per inference forward)",
+        },
+        "medians_s": rounds,
+        **ratios(rounds),
+    }
+    print(f"dualroute bench layer: T={args.tokens} D={args.dim} F={args.hidden} float32, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    for group, medians in rounds.items():
+        print(f"  {group}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in medians.items()))
+    for key, value in ratios(rounds).items():
+        print(f"  {key:28s} {value:6.3f}  {_verdict(key, value)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    benches = {"layer": run_layer}
+    if not argv or argv[0] not in benches:
+        print(f"usage: dualroute bench {{{','.join(benches)}}} [options]", file=sys.stderr)
+        return 2
+    return benches[argv[0]](argv[1:])
