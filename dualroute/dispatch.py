@@ -145,5 +145,5 @@ def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) ->
     N, T, K = plan.num_rows, plan.num_tokens, plan.top_k
     if y_ND.shape[0] < N:  # dropped rows were not computed
         y_ND = torch.cat([y_ND, y_ND.new_zeros(N - y_ND.shape[0], y_ND.shape[1])])
-    y_TKD = _PermuteRows.apply(y_ND, plan.inverse_N, plan.order_N).view(T, K, -1)
+    y_TKD = _PermuteRows.apply(y_ND, plan.inverse_N, plan.order_N).view(T, K, y_ND.shape[-1])
     return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)

@@ -130,7 +130,12 @@ def grouped_mm(
     and dtype (probed once), else a loop over the contiguous segments. Both skip experts
     that own no rows.
     """
-    if x_ND.dtype != w_EDF.dtype:
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):  # behave like F.linear under autocast
+        dtype = torch.get_autocast_dtype(device_type)
+        x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
+        b_EF = None if b_EF is None else b_EF.to(dtype)
+    elif x_ND.dtype != w_EDF.dtype:
         raise TypeError(f"expert input dtype {x_ND.dtype} does not match expert weights {w_EDF.dtype}")
     y_NF = _grouped_mm_eager(x_ND, w_EDF, counts_E)
     if b_EF is not None:
@@ -185,10 +190,11 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     w = torch.randn(3, 16, 32, generator=gen).to(device, dtype)
     counts = torch.tensor([8, 0, 16], device=device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             got = torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    want = segment_mm(x, w, counts)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        want = segment_mm(x, w, counts)
     tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
     return bool(torch.allclose(got.float(), want.float(), atol=tol * 16, rtol=tol))

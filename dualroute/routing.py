@@ -174,7 +174,7 @@ class Router(nn.Module):
             group_scores_TG = logits_TE.new_ones(T, 1)
         else:
             group_scores_TG = group_logits_TG.softmax(dim=-1)
-        scores_TE = (group_scores_TG.unsqueeze(-1) * within_TGM).reshape(T, -1)
+        scores_TE = (group_scores_TG.unsqueeze(-1) * within_TGM).reshape(T, G * M)
         group_ids_TJ = _top_groups(group_scores_TG, self.group_bias_G, cfg.groups_per_token)
         return self._pick_experts(logits_TE, scores_TE, group_ids_TJ, group_logits_TG, group_scores_TG)
 
@@ -202,7 +202,7 @@ class Router(nn.Module):
         if cfg.groups_per_token < G:  # hide experts of groups that were not kept
             keep_TG = torch.zeros(T, G, dtype=torch.bool, device=scores_TE.device)
             keep_TG.scatter_(1, group_ids_TJ, True)
-            keep_TE = keep_TG.unsqueeze(-1).expand(T, G, M).reshape(T, -1)
+            keep_TE = keep_TG.unsqueeze(-1).expand(T, G, M).reshape(T, G * M)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         expert_ids_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
         weights_TK = scores_TE.gather(1, expert_ids_TK)
