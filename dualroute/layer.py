@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 
 from .balance import BalanceConfig, aux_losses, weighted_total
 from .dispatch import combine, dispatch, expert_capacity, plan_dispatch
+from .expert_choice import choose_tokens, expert_choice_capacity, run_experts
 from .experts import ExpertConfig, ExpertKind, Experts
 from .routing import Router, RouterConfig, RouterOptions, Routing
 
@@ -35,11 +37,15 @@ class MoEConfig:
     out_dim: int | None = None
     num_shared_experts: int = 0  # always-on experts, each of width F (DeepSeekMoE / Qwen-MoE)
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(w . x) scales the shared output
+    shared_hidden: int | None = None  # total shared width; None = num_shared_experts * F (Qwen2-MoE sets its own)
     capacity_factor: float | None = None  # rows per expert, training; None = dropless
     eval_capacity_factor: float | None = None  # rows per expert, eval; None = dropless
     group_capacity_factor: float | None = None  # rows per group (level 1), training
     eval_group_capacity_factor: float | None = None  # rows per group, eval
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # aux loss weights
+    # "expert_choice": each expert takes its top C tokens (Zhou et al. 2022); NOT causal, G = 1 only.
+    # C uses capacity_factor in training, eval_capacity_factor (else capacity_factor, else 1.0) in eval.
+    routing_mode: Literal["token_choice", "expert_choice"] = "token_choice"
 
     def __post_init__(self) -> None:
         # Building the sub-configs validates every field and names the bad value.
@@ -47,11 +53,20 @@ class MoEConfig:
         self.expert_config()
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+        if self.shared_hidden is not None and (isinstance(self.shared_hidden, bool)
+                                               or not isinstance(self.shared_hidden, int) or self.shared_hidden < 1):
+            raise ValueError(f"shared_hidden must be None or a positive int, got {self.shared_hidden!r}")
         for name in ("capacity_factor", "eval_capacity_factor", "group_capacity_factor",
                      "eval_group_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
+        if self.routing_mode not in ("token_choice", "expert_choice"):
+            raise ValueError(f"unknown routing_mode {self.routing_mode!r}; "
+                             "expected 'token_choice' or 'expert_choice'")
+        if self.routing_mode == "expert_choice" and self.num_groups != 1:
+            raise ValueError(f"routing_mode 'expert_choice' supports num_groups=1 only, "
+                             f"got num_groups={self.num_groups}")
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(
@@ -105,7 +120,7 @@ class SharedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        width = cfg.num_shared_experts * cfg.hidden
+        width = cfg.num_shared_experts * cfg.hidden if cfg.shared_hidden is None else cfg.shared_hidden
         self.ffn = DenseFFN(cfg.dim, width, cfg.expert_kind, cfg.activation, cfg.expert_bias, cfg.out_dim)
         self.gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate else None
 
@@ -141,6 +156,8 @@ class MoELayer(nn.Module):
     ) -> tuple[torch.Tensor, MoEAux]:
         """Dispatch, run the experts and combine, for a routing decided elsewhere."""
         cfg = self.cfg
+        if cfg.routing_mode == "expert_choice":
+            return self._expert_choice(x_TD, routing, mask_T)
         capacity, group_capacity = self._capacities(x_TD.shape[0])
         plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, cfg.num_experts, capacity,
                              group_capacity, cfg.num_groups)
@@ -160,6 +177,26 @@ class MoELayer(nn.Module):
             loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
         )
         return y_TD, aux
+
+    def _expert_choice(
+        self, x_TD: torch.Tensor, routing: Routing, mask_T: torch.Tensor | None
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """Each expert takes its top C tokens (see ``expert_choice.py``); num_dropped = tokens no expert took."""
+        cfg = self.cfg
+        factor = cfg.eval_capacity_factor if not self.training and cfg.eval_capacity_factor else cfg.capacity_factor
+        capacity = expert_choice_capacity(x_TD.shape[0], cfg.experts_per_token, cfg.num_experts, factor)
+        choice = choose_tokens(routing, capacity, mask_T, cfg.router.scaling_factor)
+        values = aux_losses(choice.routing, cfg.balance, mask_T)
+        aux = MoEAux(
+            routing=choice.routing,
+            tokens_per_expert_E=choice.tokens_per_expert_E,
+            tokens_per_group_G=choice.tokens_per_group_G,
+            dropped_per_expert_E=torch.zeros_like(choice.tokens_per_expert_E),
+            num_dropped=choice.num_untaken,
+            losses=values,
+            loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
+        )
+        return run_experts(self.experts, x_TD, choice), aux
 
     def _capacities(self, T: int) -> tuple[int | None, int | None]:
         cfg = self.cfg
