@@ -7,6 +7,7 @@ noisy neighbour slows both, and reports medians and ratios (never absolute pass/
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -189,8 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    benches = {"layer": run_layer}
+    benches = {  # module:function, imported only when asked for
+        "layer": "dualroute.bench:run_layer",
+        "balance": "dualroute.balance_bench:main",
+        "hf": "dualroute.interop.bench_hf:main",
+        "ep": "dualroute.parallel.bench_ep:main",
+    }
     if not argv or argv[0] not in benches:
         print(f"usage: dualroute bench {{{','.join(benches)}}} [options]", file=sys.stderr)
         return 2
-    return benches[argv[0]](argv[1:])
+    module, _, func = benches[argv[0]].partition(":")
+    return getattr(importlib.import_module(module), func)(argv[1:])
