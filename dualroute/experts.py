@@ -100,8 +100,8 @@ class Experts(nn.Module):
         """Expert ``e`` applied to every row: the plain, loop-free definition (for references)."""
         cfg = self.cfg
         h = x_TD @ self.first_weight()[e]
-        if self.b1 is not None:
-            h = h + self.b1[e]
+        if self.b1 is not None:  # cast: under autocast h is in the autocast dtype, as F.linear's would be
+            h = h + self.b1[e].to(h.dtype)
         if cfg.kind == "linear":
             return h
         if cfg.kind == "swiglu":
@@ -110,7 +110,7 @@ class Experts(nn.Module):
         else:
             h = _activate(h, cfg.activation)
         y = h @ self.w2[e]
-        return y if self.b2 is None else y + self.b2[e]
+        return y if self.b2 is None else y + self.b2[e].to(y.dtype)
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -166,17 +166,21 @@ class MoELayer(nn.Module):
             x_ND = x_ND[: plan.num_rows - int(plan.dropped_E.sum())]
         y_ND = self.experts(x_ND, plan.counts_E)
         y_TD = combine(y_ND, routing.weights_TK, plan)
+        return y_TD, self.make_aux(routing, plan.dropped_E, mask_T)
+
+    def make_aux(self, routing: Routing, dropped_E: torch.Tensor, mask_T: torch.Tensor | None) -> MoEAux:
+        """The aux result of a token-choice routing: loads per level (padding excluded) and losses."""
+        cfg = self.cfg
         values = aux_losses(routing, cfg.balance, mask_T)
-        aux = MoEAux(
+        return MoEAux(
             routing=routing,
             tokens_per_expert_E=_bincount(routing.expert_ids_TK, cfg.num_experts, mask_T),
             tokens_per_group_G=_bincount(routing.group_ids_TJ, cfg.num_groups, mask_T),
-            dropped_per_expert_E=plan.dropped_E,
-            num_dropped=plan.dropped_E.sum(),
+            dropped_per_expert_E=dropped_E,
+            num_dropped=dropped_E.sum(),
             losses=values,
             loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
         )
-        return y_TD, aux
 
     def _expert_choice(
         self, x_TD: torch.Tensor, routing: Routing, mask_T: torch.Tensor | None

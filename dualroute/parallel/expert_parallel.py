@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..balance import aux_losses, weighted_total
 from ..dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from ..experts import Experts
 from ..layer import MoEAux, MoELayer
@@ -228,24 +227,7 @@ def _kept_slots(plan: DispatchPlan) -> torch.Tensor:
 
 
 def _local_aux(layer: MoELayer, routing: Routing, plan: DispatchPlan | None, mask_T: torch.Tensor | None) -> MoEAux:
-    """The single-process layer's aux result for this rank's tokens (mirrors ``route_and_compute``)."""
-    cfg = layer.cfg
-    ids = routing.expert_ids_TK
-    dropped_E = plan.dropped_E if plan is not None else torch.zeros(cfg.num_experts, dtype=torch.int64,
-                                                                    device=ids.device)
-    values = aux_losses(routing, cfg.balance, mask_T)
-    return MoEAux(
-        routing=routing,
-        tokens_per_expert_E=_choices(ids, cfg.num_experts, mask_T),
-        tokens_per_group_G=_choices(routing.group_ids_TJ, cfg.num_groups, mask_T),
-        dropped_per_expert_E=dropped_E,
-        num_dropped=dropped_E.sum(),
-        losses=values,
-        loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
-    )
-
-
-def _choices(ids_TK: torch.Tensor, n: int, mask_T: torch.Tensor | None) -> torch.Tensor:
-    ones_TK = torch.ones_like(ids_TK) if mask_T is None else mask_T.unsqueeze(-1).expand_as(ids_TK).long()
-    return torch.zeros(n, dtype=torch.int64, device=ids_TK.device).scatter_add_(0, ids_TK.reshape(-1),
-                                                                                ones_TK.reshape(-1))
+    """The single-process layer's aux result for this rank's tokens."""
+    dropped_E = plan.dropped_E if plan is not None else torch.zeros(
+        layer.cfg.num_experts, dtype=torch.int64, device=routing.expert_ids_TK.device)
+    return layer.make_aux(routing, dropped_E, mask_T)

@@ -1,0 +1,228 @@
+"""Dispatch plan, the dispatch/combine autograd pair, and the grouped matmul.
+
+Shapes: T tokens, K experts per token, N = T*K routed rows, D model dim, F output dim, E experts.
+"""
+
+import pytest
+import torch
+
+from dualroute.dispatch import combine, dispatch, expert_capacity, plan_dispatch
+from dualroute import experts
+from dualroute.experts import grouped_mm, segment_mm
+
+
+def random_ids(T: int, K: int, E: int, seed: int = 0, used: int | None = None) -> torch.Tensor:
+    """K distinct experts per token, drawn from the first ``used`` experts (the rest get nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(T, used or E, generator=gen).topk(K, dim=-1).indices
+
+
+def random_weights(T: int, K: int, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
+    return torch.rand(T, K, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+@pytest.mark.parametrize("T,K,E,used", [(7, 1, 4, 4), (9, 2, 8, 5), (5, 3, 3, 3), (1, 2, 6, 2), (0, 2, 4, 4)])
+def test_plan_sorts_rows_by_expert(T, K, E, used):
+    ids_TK = random_ids(T, K, E, used=used)
+    plan = plan_dispatch(ids_TK, random_weights(T, K), E)
+    ids_N = ids_TK.reshape(-1)
+    N = T * K
+    # Rows grouped by expert; inside an expert, flat (token, slot) order is kept (a stable sort).
+    sorted_ids_N = ids_N[plan.order_N]
+    assert torch.equal(sorted_ids_N, ids_N.sort(stable=True).values)
+    for e in range(E):
+        rows = plan.order_N[sorted_ids_N == e]
+        assert torch.equal(rows, rows.sort().values)
+    assert torch.equal(plan.order_N[plan.inverse_N], torch.arange(N))
+    assert torch.equal(plan.inverse_N[plan.order_N], torch.arange(N))
+    assert torch.equal(plan.counts_E, torch.bincount(ids_N, minlength=E))
+    assert plan.dropped_E.eq(0).all()
+    assert torch.equal(plan.token_N, plan.order_N // K)
+    assert (plan.num_tokens, plan.top_k, plan.num_rows) == (T, K, N)
+
+
+def test_expert_capacity():
+    # (T, K, E, factor): ceil(factor * T * K / E)
+    assert expert_capacity(8, 2, 4, 1.0) == 4
+    assert expert_capacity(8, 2, 4, 1.25) == 5
+    assert expert_capacity(5, 1, 2, 1.0) == 3  # ceil(2.5)
+    assert expert_capacity(0, 2, 4, 2.0) == 0
+
+
+def test_capacity_hand_case():
+    # Expert 0 is asked for by tokens 0..3 with weights .2 .9 .5 .7; capacity 2 keeps tokens 1 and 3.
+    ids_TK = torch.tensor([[0], [0], [0], [0], [1]])
+    weights_TK = torch.tensor([[0.2], [0.9], [0.5], [0.7], [0.1]])
+    plan = plan_dispatch(ids_TK, weights_TK, num_experts=3, capacity=2)
+    assert plan.counts_E.tolist() == [2, 1, 0]
+    assert plan.dropped_E.tolist() == [2, 0, 0]
+    assert set(plan.order_N[:2].tolist()) == {1, 3}  # expert 0's kept rows, then expert 1's
+    assert plan.order_N[2].item() == 4
+    assert set(plan.order_N[3:].tolist()) == {0, 2}  # dropped rows last
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 2, 3, 100])
+def test_capacity_keeps_heaviest_rows(capacity):
+    T, K, E = 12, 2, 4
+    ids_TK, weights_TK = random_ids(T, K, E, used=3), random_weights(T, K)
+    plan = plan_dispatch(ids_TK, weights_TK, E, capacity)
+    ids_N, weights_N = ids_TK.reshape(-1), weights_TK.reshape(-1)
+    total_E = torch.bincount(ids_N, minlength=E)
+    assert (plan.counts_E <= capacity).all()
+    assert torch.equal(plan.counts_E + plan.dropped_E, total_E)
+    assert torch.equal(plan.order_N[plan.inverse_N], torch.arange(T * K))
+    kept = plan.order_N[: int(plan.counts_E.sum())]
+    assert torch.equal(ids_N[kept], ids_N[kept].sort(stable=True).values)  # kept rows still expert-sorted
+    for e in range(E):
+        heaviest = weights_N[ids_N == e].sort(descending=True).values[:capacity]
+        torch.testing.assert_close(weights_N[kept][ids_N[kept] == e].sort(descending=True).values, heaviest)
+
+
+# ---------------------------------------------------------------------- dispatch / combine gradients
+
+
+def plan_for(T=4, K=2, E=3, capacity=None):
+    weights_TK = random_weights(T, K).requires_grad_(True)
+    return plan_dispatch(random_ids(T, K, E), weights_TK, E, capacity), weights_TK
+
+
+def test_dispatch_gathers_token_rows():
+    plan, _ = plan_for()
+    x_TD = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.equal(dispatch(x_TD, plan), x_TD[plan.order_N // 2])
+
+
+def test_dispatch_gradcheck():
+    plan, _ = plan_for()
+    x_TD = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: dispatch(x, plan), (x_TD,))
+
+
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_combine_gradcheck(capacity):
+    plan, weights_TK = plan_for(T=5, capacity=capacity)
+    kept = plan.num_rows - int(plan.dropped_E.sum())
+    y_ND = torch.randn(kept, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, w: combine(y, w, plan), (y_ND, weights_TK))
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_combine_of_dispatch_is_weighted_sum(K):
+    plan, weights_TK = plan_for(T=6, K=K, E=4)
+    x_TD = torch.randn(6, 3, dtype=torch.float64)
+    out_TD = combine(dispatch(x_TD, plan), weights_TK, plan)
+    torch.testing.assert_close(out_TD, weights_TK.sum(-1, keepdim=True) * x_TD)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_no_tokens(K):
+    plan = plan_dispatch(torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K), num_experts=4)
+    x_TD = torch.zeros(0, 3, requires_grad=True)
+    x_ND = dispatch(x_TD, plan)
+    assert x_ND.shape == (0, 3)
+    out_TD = combine(x_ND, torch.zeros(0, K), plan)
+    assert out_TD.shape == (0, 3)
+    out_TD.sum().backward()
+    assert x_TD.grad.shape == (0, 3)
+
+
+def test_combine_treats_dropped_rows_as_zero():
+    ids_TK = torch.tensor([[0], [0], [0]])
+    weights_TK = torch.tensor([[0.5], [0.9], [0.1]], dtype=torch.float64)
+    plan = plan_dispatch(ids_TK, weights_TK, num_experts=2, capacity=2)  # drops token 2
+    value_by_row = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    y_ND = value_by_row[plan.order_N[:2]]  # the expert outputs of the kept rows, in plan order
+    assert combine(y_ND, weights_TK, plan).tolist() == [[0.5 * 1.0], [0.9 * 2.0], [0.0]]
+
+
+# --------------------------------------------------------------------------------- grouped matmul
+
+
+def loop_mm(x_ND, w_EDF, counts_E, b_EF=None):
+    """The naive definition: each row times its own expert's matrix."""
+    expert_N = torch.repeat_interleave(torch.arange(len(counts_E)), counts_E)
+    rows = [x_ND[n] @ w_EDF[e] + (0 if b_EF is None else b_EF[e]) for n, e in enumerate(expert_N.tolist())]
+    return torch.stack(rows) if rows else x_ND.new_zeros(0, w_EDF.shape[-1])
+
+
+def loop_bias(b_EF, counts_E):
+    return torch.repeat_interleave(b_EF, counts_E, dim=0)
+
+
+COUNTS = [[3, 0, 5, 0, 1], [0, 0, 4, 0, 0], [1, 1, 1, 1, 1], [0, 2, 0, 0, 7]]
+
+
+# float32 with 16-byte aligned rows takes torch._grouped_mm (where the probe accepts it);
+# odd sizes and float64 take the segment loop.
+SIZES = [(torch.float32, 8, 12), (torch.float32, 6, 7), (torch.float64, 6, 7)]
+
+
+@pytest.mark.parametrize("dtype,D,F", SIZES, ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_mm_matches_segment_and_loop(dtype, D, F, counts, bias):
+    counts_E = torch.tensor(counts)
+    N, E = sum(counts), len(counts)
+    x_ND = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    w_EDF = torch.randn(E, D, F, dtype=dtype, requires_grad=True)
+    b_EF = torch.randn(E, F, dtype=dtype, requires_grad=True) if bias else None
+    inputs = [t for t in (x_ND, w_EDF, b_EF) if t is not None]
+    cotangent = torch.randn(N, F, dtype=dtype)
+    runs = {
+        "grouped": lambda: grouped_mm(x_ND, w_EDF, counts_E, b_EF),
+        "segment": lambda: segment_mm(x_ND, w_EDF, counts_E) + (0 if b_EF is None else loop_bias(b_EF, counts_E)),
+        "loop": lambda: loop_mm(x_ND, w_EDF, counts_E, b_EF),
+    }
+    results = {}
+    for name, run in runs.items():
+        y = run()
+        results[name] = (y, torch.autograd.grad(y, inputs, cotangent))
+    want_y, want_grads = results["loop"]
+    for name in ("grouped", "segment"):
+        y, grads = results[name]
+        torch.testing.assert_close(y, want_y, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        empty = counts_E == 0  # experts without rows get exactly zero gradient
+        assert grads[1][empty].eq(0).all()
+        if bias:
+            assert grads[2][empty].eq(0).all()
+
+
+def test_grouped_mm_fused_path_needs_no_loop(monkeypatch):
+    if not experts._grouped_mm_works(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is not usable for float32 on this CPU")
+
+    def no_loop(*args):
+        raise AssertionError("fell back to the segment loop")
+
+    monkeypatch.setattr(experts, "segment_mm", no_loop)
+    counts_E = torch.tensor([3, 0, 5])
+    x_ND, w_EDF = torch.randn(8, 8), torch.randn(3, 8, 12)
+    torch.testing.assert_close(grouped_mm(x_ND, w_EDF, counts_E), loop_mm(x_ND, w_EDF, counts_E))
+
+
+def test_grouped_mm_probe_is_not_fooled_by_autocast(monkeypatch):
+    """The fused-kernel probe runs once per (device, dtype) and its verdict is cached for the
+    process. If it ran under autocast, the loop it compares against would come out in bfloat16,
+    the comparison would fail, and the fast kernel would stay off for float32 from then on."""
+    monkeypatch.setattr(experts, "_PROBED", {})
+    verdict = experts._grouped_mm_works(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(experts, "_PROBED", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([1, 3]))
+    assert experts._grouped_mm_works(torch.device("cpu"), torch.float32) == verdict
+
+
+def test_grouped_mm_no_rows():
+    w_EDF = torch.randn(3, 4, 5, requires_grad=True)
+    y = grouped_mm(torch.zeros(0, 4), w_EDF, torch.zeros(3, dtype=torch.long))
+    assert y.shape == (0, 5)
+
+
+def test_grouped_mm_dtype_mismatch():
+    with pytest.raises(TypeError, match="float64"):
+        grouped_mm(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(1, 4, 5), torch.tensor([2]))

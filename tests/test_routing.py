@@ -1,0 +1,318 @@
+"""Router: flat top-k as the G = 1 special case, the two group-router kinds on hand-set
+numbers, correction bias, renormalisation/scaling, sigmoid scores, and training-only noise.
+
+Shapes: T tokens, D model dim, G groups, M experts per group, E = G*M, J groups kept, K experts kept.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dualroute.routing import Router, RouterConfig, RouterOptions
+
+
+def make_router(D=2, E=4, K=2, G=1, J=1, seed=0, dtype=torch.float64, **options) -> Router:
+    torch.manual_seed(seed)
+    router = Router(RouterConfig(D, E, K, G, J, RouterOptions(**options)))
+    return router.to(dtype).eval()
+
+
+def set_linear(linear: torch.nn.Linear, weight, bias=None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.copy_(torch.zeros_like(linear.bias) if bias is None else torch.as_tensor(bias))
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def as_sets(ids_TK: torch.Tensor) -> list[set]:
+    return [set(row.tolist()) for row in ids_TK]
+
+
+def weight_by_expert(routing) -> list[dict]:
+    """Per token, {expert: weight}: independent of the order topk lists the K slots in."""
+    return [dict(zip(ids.tolist(), w.tolist())) for ids, w in zip(routing.expert_ids_TK, routing.weights_TK)]
+
+
+# ------------------------------------------------------------------------------------- G = 1 is flat top-k
+
+
+def flat_topk(x_TD, gate: torch.nn.Linear, K: int, renormalize: bool):
+    """Independent flat top-k softmax routing, the textbook few lines."""
+    probs_TE = torch.softmax(x_TD @ gate.weight.T + gate.bias, dim=-1)
+    weights_TK, ids_TK = probs_TE.topk(K, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return ids_TK, weights_TK
+
+
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("E,K", [(4, 1), (8, 2), (8, 8)])
+def test_one_group_is_flat_topk(group_router, renormalize, E, K):
+    router = make_router(D=5, E=E, K=K, group_router=group_router, renormalize=renormalize)
+    x_TD = torch.randn(16, 5, dtype=torch.float64)
+    routing = router(x_TD)
+    ids_TK, weights_TK = flat_topk(x_TD, router.gate, K, renormalize)
+    assert torch.equal(routing.expert_ids_TK, ids_TK)
+    torch.testing.assert_close(routing.weights_TK, weights_TK, atol=1e-12, rtol=1e-12)
+    assert routing.group_ids_TJ.eq(0).all()
+
+
+# ------------------------------------------------------------------------- learned two-level, by hand
+
+# Two tokens, x_A = (1, 0) and x_B = (0, 1), so column c of each gate weight is token c's logits.
+#   token A: p(g) = softmax(ln 3, ln 2) = (.6, .4);  p(i|g) = (.5, .5 | .9, .1)
+#            -> p(g) p(i|g) = (.3, .3, .36, .04): expert 2 beats both experts of group 0
+#   token B: p(g) = softmax(0, ln 3) = (.25, .75);   p(i|g) = (.75, .25 | .2, .8)
+#            -> (.1875, .0625, .15, .6)
+HAND_GROUP_LOGITS = [[math.log(3), 0.0], [math.log(2), math.log(3)]]  # (G, D)
+HAND_EXPERT_LOGITS = [[0.0, math.log(3)], [0.0, 0.0], [math.log(9), 0.0], [0.0, math.log(4)]]  # (E, D)
+HAND_SCORES = [[0.3, 0.3, 0.36, 0.04], [0.1875, 0.0625, 0.15, 0.6]]
+
+
+def hand_learned_router(J: int, K: int) -> Router:
+    router = make_router(D=2, E=4, K=K, G=2, J=J, renormalize=False)
+    set_linear(router.gate, HAND_EXPERT_LOGITS)
+    set_linear(router.group_gate, HAND_GROUP_LOGITS)
+    return router
+
+
+def test_learned_weights_are_group_prob_times_expert_prob():
+    routing = hand_learned_router(J=2, K=4)(torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(routing.scores_TE, torch.tensor(HAND_SCORES, dtype=torch.float64))
+    torch.testing.assert_close(routing.group_scores_TG, torch.tensor([[0.6, 0.4], [0.25, 0.75]], dtype=torch.float64))
+    for t, chosen in enumerate(weight_by_expert(routing)):
+        assert chosen == pytest.approx({e: HAND_SCORES[t][e] for e in range(4)})
+
+
+def test_learned_picks_experts_only_from_the_kept_groups():
+    routing = hand_learned_router(J=1, K=2)(torch.eye(2, dtype=torch.float64))
+    assert routing.group_ids_TJ.tolist() == [[0], [1]]
+    # Token A: expert 2 (.36) outweighs experts 0 and 1 (.3) but its group was not kept.
+    assert weight_by_expert(routing) == [pytest.approx({0: 0.3, 1: 0.3}), pytest.approx({3: 0.6, 2: 0.15})]
+
+
+def test_learned_two_groups_take_the_best_k_of_their_experts():
+    routing = hand_learned_router(J=2, K=3)(torch.eye(2, dtype=torch.float64))
+    assert weight_by_expert(routing) == [
+        pytest.approx({2: 0.36, 0: 0.3, 1: 0.3}),
+        pytest.approx({3: 0.6, 0: 0.1875, 2: 0.15}),
+    ]
+
+
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+@pytest.mark.parametrize("G,J,E,K", [(2, 1, 8, 2), (4, 2, 8, 3), (4, 3, 12, 5)])
+def test_experts_come_from_chosen_groups(group_router, G, J, E, K):
+    router = make_router(D=6, E=E, K=K, G=G, J=J, group_router=group_router, correction_bias=True)
+    routing = router(torch.randn(32, 6, dtype=torch.float64))
+    M = E // G
+    for groups, experts in zip(routing.group_ids_TJ.tolist(), routing.expert_ids_TK.tolist()):
+        assert len(set(groups)) == J and len(set(experts)) == K
+        assert {e // M for e in experts} <= set(groups)
+
+
+# -------------------------------------------------------------------- derived group score, by hand
+
+# Sigmoid scores, G = 2 groups of M = 3:   group 0 = (.9, .1, .05),   group 1 = (.6, .55, .5)
+#   DeepSeek-V3 (sum of top 2): (1.0, 1.15) -> group 1;   DeepSeek-V2 (max): (.9, .6) -> group 0
+HAND_SIGMOID = [0.9, 0.1, 0.05, 0.6, 0.55, 0.5]
+
+
+def hand_derived_router(group_score: str, correction_bias: bool = False) -> Router:
+    router = make_router(
+        D=2, E=6, K=2, G=2, J=1, group_router="derived", group_score=group_score, score_func="sigmoid",
+        renormalize=False, correction_bias=correction_bias,
+    )
+    set_linear(router.gate, torch.zeros(6, 2), [logit(p) for p in HAND_SIGMOID])
+    return router
+
+
+X_ONE = torch.zeros(1, 2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "group_score,group_scores,chosen",
+    [
+        ("top2_sum", [1.0, 1.15], {3: 0.6, 4: 0.55}),  # DeepSeek-V3
+        ("max", [0.9, 0.6], {0: 0.9, 1: 0.1}),  # DeepSeek-V2
+    ],
+)
+def test_derived_group_score(group_score, group_scores, chosen):
+    routing = hand_derived_router(group_score)(X_ONE)
+    torch.testing.assert_close(routing.group_scores_TG, torch.tensor([group_scores], dtype=torch.float64))
+    assert weight_by_expert(routing) == [pytest.approx(chosen)]
+
+
+@pytest.mark.parametrize(
+    "bias_on,group_scores,chosen",
+    [
+        # +1 on expert 5: still group 1, but expert 5 (score .5) displaces expert 4 (.55).
+        (5, [1.0, 2.1], {3: 0.6, 5: 0.5}),
+        # +1 on expert 2: group 0's biased top-2 sum (1.95) now wins the group choice too.
+        (2, [1.95, 1.15], {2: 0.05, 0: 0.9}),
+    ],
+)
+def test_correction_bias_changes_selection_not_weights(bias_on, group_scores, chosen):
+    router = hand_derived_router("top2_sum", correction_bias=True)
+    router.expert_bias_E[bias_on] = 1.0
+    routing = router(X_ONE)
+    # The V3 group score is computed from the *selection* scores, bias included ...
+    torch.testing.assert_close(routing.group_scores_TG, torch.tensor([group_scores], dtype=torch.float64))
+    # ... but each chosen expert weighs its unbiased sigmoid score.
+    assert weight_by_expert(routing) == [pytest.approx(chosen)]
+
+
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+def test_huge_correction_bias_forces_selection_weights_stay_unbiased(group_router):
+    router = make_router(D=6, E=8, K=2, G=2, J=1, group_router=group_router, renormalize=False,
+                         correction_bias=True)
+    router.expert_bias_E[5] = 100.0
+    router.group_bias_G[1] = 100.0
+    routing = router(torch.randn(20, 6, dtype=torch.float64))
+    assert (routing.expert_ids_TK == 5).any(-1).all()
+    assert routing.group_ids_TJ.eq(1).all()
+    torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.expert_ids_TK))
+
+
+# ---------------------------------------------------------------------------------------- options
+
+ROUTER_SHAPES = [
+    dict(E=8, K=2, G=1, J=1, group_router="learned"),
+    dict(E=8, K=3, G=4, J=2, group_router="learned"),
+    dict(E=8, K=3, G=4, J=2, group_router="derived"),
+]
+
+
+@pytest.mark.parametrize("shape", ROUTER_SHAPES)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("scaling_factor", [1.0, 2.5])
+def test_renormalized_weights_sum_to_scaling_factor(shape, score_func, scaling_factor):
+    router = make_router(D=6, score_func=score_func, scaling_factor=scaling_factor, **shape)
+    routing = router(torch.randn(16, 6, dtype=torch.float64))
+    torch.testing.assert_close(routing.weights_TK.sum(-1), torch.full((16,), scaling_factor, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", ROUTER_SHAPES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_scaling_factor_scales_weights_only(shape, renormalize):
+    x_TD = torch.randn(16, 6, dtype=torch.float64)
+    plain = make_router(D=6, renormalize=renormalize, **shape)(x_TD)
+    scaled = make_router(D=6, renormalize=renormalize, scaling_factor=2.5, **shape)(x_TD)
+    assert torch.equal(plain.expert_ids_TK, scaled.expert_ids_TK)
+    torch.testing.assert_close(scaled.weights_TK, 2.5 * plain.weights_TK)
+
+
+def test_unnormalized_weights_are_the_scores():
+    router = make_router(D=6, E=8, K=3, G=4, J=2, group_router="derived", renormalize=False)
+    routing = router(torch.randn(16, 6, dtype=torch.float64))
+    torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.expert_ids_TK))
+
+
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+def test_sigmoid_scores(group_router):
+    router = make_router(D=6, E=8, K=3, group_router=group_router, score_func="sigmoid", renormalize=False)
+    x_TD = torch.randn(16, 6, dtype=torch.float64)
+    routing = router(x_TD)
+    logits_TE = router.gate(x_TD)
+    torch.testing.assert_close(routing.scores_TE, logits_TE.sigmoid())
+    top_logits_TK, top_ids_TK = logits_TE.topk(3, dim=-1)  # sigmoid is monotonic
+    assert as_sets(routing.expert_ids_TK) == as_sets(top_ids_TK)
+    torch.testing.assert_close(routing.weights_TK.sort(-1).values, top_logits_TK.sigmoid().sort(-1).values)
+
+
+NOISY = [dict(noisy_gating=True), dict(jitter_eps=0.3), dict(noisy_gating=True, jitter_eps=0.3)]
+
+
+def routed(router: Router, x_TD: torch.Tensor, seed: int):
+    torch.manual_seed(seed)
+    routing = router(x_TD)
+    return routing.expert_logits_TE, routing.weights_TK
+
+
+@pytest.mark.parametrize("noise", NOISY)
+def test_noise_is_off_in_eval(noise):
+    x_TD = torch.randn(16, 6, dtype=torch.float64)
+    noisy = make_router(D=6, E=8, K=2, **noise)
+    clean = make_router(D=6, E=8, K=2)
+    clean.gate.load_state_dict(noisy.gate.state_dict())
+    first, second = routed(noisy, x_TD, seed=1), routed(noisy, x_TD, seed=2)
+    for a, b, c in zip(first, second, routed(clean, x_TD, seed=3)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("noise", NOISY)
+def test_noise_acts_in_training(noise):
+    x_TD = torch.randn(16, 6, dtype=torch.float64)
+    router = make_router(D=6, E=8, K=2, **noise).train()
+    logits_1, _ = routed(router, x_TD, seed=1)
+    logits_1_again, _ = routed(router, x_TD, seed=1)
+    logits_2, _ = routed(router, x_TD, seed=2)
+    assert torch.equal(logits_1, logits_1_again)
+    assert not torch.allclose(logits_1, logits_2)
+
+
+def test_noisy_gating_noise_scale_is_learned():
+    router = make_router(D=6, E=8, K=2, noisy_gating=True).train()
+    _, weights_TK = routed(router, torch.randn(16, 6, dtype=torch.float64), seed=0)
+    weights_TK.pow(2).sum().backward()
+    assert router.noise.weight.grad is not None and router.noise.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                        (torch.bfloat16, torch.float32)])
+def test_routing_dtype(dtype, want):
+    router = make_router(D=6, E=8, K=3, G=4, J=2, dtype=dtype)
+    routing = router(torch.randn(5, 6, dtype=dtype))
+    for tensor in (routing.expert_logits_TE, routing.scores_TE, routing.weights_TK, routing.group_logits_TG):
+        assert tensor.dtype == want
+    assert routing.expert_ids_TK.dtype == routing.group_ids_TJ.dtype == torch.int64
+
+
+def test_routing_logits_stay_float32_under_autocast():
+    router = make_router(D=6, E=8, K=3, G=4, J=2, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(torch.randn(5, 6))
+    assert routing.expert_logits_TE.dtype == routing.group_logits_TG.dtype == routing.weights_TK.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ bad configs
+
+BAD_ROUTER_CONFIGS = [
+    (dict(num_experts=6, num_groups=4), ["num_experts (6)", "num_groups (4)"]),
+    (dict(num_experts=8, num_groups=2, groups_per_token=3), ["groups_per_token (3)", "(2)"]),
+    (dict(num_experts=8, num_groups=4, groups_per_token=1, experts_per_token=3), ["experts_per_token (3)", "= 2"]),
+    (dict(experts_per_token=0), ["experts_per_token", "got 0"]),
+    (dict(dim=0), ["dim", "got 0"]),
+    (dict(num_experts=-1), ["num_experts", "got -1"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,words", BAD_ROUTER_CONFIGS)
+def test_bad_router_config(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        RouterConfig(**{"dim": 4, "num_experts": 8, **kwargs})
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(score_func="tanh"), "'tanh'"),
+        (dict(group_router="mystery"), "'mystery'"),
+        (dict(group_score="median"), "'median'"),
+        (dict(scaling_factor=0.0), "0.0"),
+        (dict(jitter_eps=1.5), "1.5"),
+    ],
+)
+def test_bad_router_options(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        RouterOptions(**kwargs)
