@@ -1,0 +1,398 @@
+"""The training loop: AdamW + warmup/cosine, gradient accumulation and clipping, periodic eval,
+JSON-lines metrics, atomic checkpoints and exact resume.
+
+A run directory (``train.out_dir``) holds ``config.json``, ``metrics.jsonl``, ``ckpt-<step>/`` and, at
+the end, ``summary.json``. A checkpoint holds everything the next step depends on (weights, optimizer,
+schedule, the global RNGs and the batch sampler's generator), so an interrupted run resumed from it
+takes the very steps the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dualroute.balance import update_correction_biases
+from dualroute.data import Tokenizer
+from dualroute.layer import MoEAux
+from dualroute.losses import max_violation, router_entropy
+from dualroute.models import flops_per_token, param_counts
+from dualroute.train.checkpoint import (
+    Checkpoint,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from dualroute.train.configio import config_to_dict
+from dualroute.train.metrics_log import JsonlLogger, read_jsonl
+from dualroute.train.presets import RunConfig, run_config_from_dict, run_config_to_dict
+from dualroute.train.schedule import warmup_cosine_scheduler
+from dualroute.train.tasks import EvalResult, LMTask, make_task, tokenizer_from_record, tokenizer_record
+
+SAMPLE_PROMPT = "The "
+SAMPLE_TOKENS = 120
+
+
+@dataclass
+class Summary:
+    """What a finished run reports; written to ``summary.json``."""
+
+    out_dir: str
+    steps: int
+    metrics: dict[str, float]  # final validation metrics
+    baseline_loss: float  # unigram (text) or uniform-guess (images) validation loss
+    params_total: int
+    params_active: int
+    flops_per_token: int  # forward FLOPs per token (training is about 3x)
+    experts: list[dict[str, Any]]  # per MoE layer, at the final eval: share per expert, maxvio, entropy
+    unit: str  # "tokens" or "images"
+    throughput: float  # training units per second
+    train_time_s: float  # time in training steps (excludes eval and checkpointing)
+    wall_time_s: float  # this process's wall time for the run
+    sample: str | None = None  # language models: a generated continuation of SAMPLE_PROMPT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
+    units: int
+    seconds: float
+    aux: list[MoEAux]  # every micro-batch's MoE layers, concatenated
+    num_layers: int  # MoE layers per forward
+
+    def layer_load(self, i: int, field: str = "tokens_per_expert_E") -> torch.Tensor:
+        """MoE layer ``i``'s load over the whole step (summed over the micro-batches)."""
+        return sum(getattr(a, field) for a in self.aux[i :: self.num_layers]).cpu()
+
+
+# ----------------------------------------------------------------------------------------- pieces
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW; norms, biases, embeddings and position/class tokens get no weight decay."""
+    skip = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
+            skip.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or id(p) in skip or "pos_emb" in name or "cls_token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def aux_loss(aux: list) -> torch.Tensor | None:
+    """Sum of the MoE layers' own weighted losses (``MoEAux.loss``), or None when they carry none."""
+    losses = [a.loss for a in aux if getattr(a, "loss", None) is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def balance_step(model: nn.Module, aux: list[MoEAux], rate: float) -> None:
+    """After an optimizer step: move the routers' correction biases toward balance (aux-loss-free balancing)."""
+    if rate > 0 and aux:
+        update_correction_biases(model, aux, rate)
+
+
+def expert_report(counts: list[torch.Tensor], entropy: list[float]) -> list[dict[str, Any]]:
+    """Per MoE layer: each expert's share of the routed rows, MaxVio and mean routing entropy."""
+    report = []
+    for i, (counts_E, ent) in enumerate(zip(counts, entropy)):
+        total = max(1, int(counts_E.sum()))
+        report.append({"layer": i, "share": [round(int(c) / total, 4) for c in counts_E],
+                       "maxvio": max_violation(counts_E), "entropy": ent})
+    return report
+
+
+def _encode_state(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _decode_state(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (by a run that died before its next checkpoint); all at step 0."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One run: ``Trainer(cfg).fit()`` trains up to ``cfg.train.steps``, from scratch or after ``load(checkpoint)``."""
+
+    def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, progress: bool | None = None) -> None:
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
+        seed_everything(t.seed)
+        self.task = make_task(cfg, tokenizer)
+        self.cfg = self.task.run_config
+        self.model = self.task.build_model().to(self.device)
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, warmup_steps=min(t.warmup_steps, t.steps),
+                                                 total_steps=t.steps, min_ratio=t.min_lr_ratio)
+        self.data_rng = torch.Generator().manual_seed(t.seed)
+        self.out_dir = Path(t.out_dir)
+        self.step = 0
+        self.train_time = 0.0
+        self.progress = progress
+        self.last_eval: EvalResult | None = None
+
+    # -------------------------------------------------------------------------------- state
+
+    def state_extra(self) -> dict[str, Any]:
+        tok = getattr(self.task, "tokenizer", None)
+        return {"step": self.step, "train_time": self.train_time, "config": run_config_to_dict(self.cfg),
+                "data_rng": _encode_state(self.data_rng.get_state()),
+                "tokenizer": None if tok is None else tokenizer_record(tok),
+                "metrics": None if self.last_eval is None else self.last_eval.metrics}
+
+    def save(self) -> Path:
+        path = save_checkpoint(checkpoint_dir(self.out_dir, self.step), model_state=self.model.state_dict(),
+                               optimizer_state=self.optimizer.state_dict(),
+                               scheduler_state=self.scheduler.state_dict(), extra=self.state_extra())
+        prune_checkpoints(self.out_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    def load(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``; its model config must equal this run's."""
+        saved = ckpt.extra["config"]["model"]
+        if saved != config_to_dict(self.cfg.model):
+            raise ValueError(f"checkpoint {ckpt.path} was trained with a different model config; "
+                             "resume with the run's own config (its config.json)")
+        self.model.load_state_dict(ckpt.model_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.scheduler.load_state_dict(ckpt.scheduler_state)
+        self.data_rng.set_state(_decode_state(ckpt.extra["data_rng"]))
+        restore_rng(ckpt.rng_state)
+        self.step = ckpt.extra["step"]
+        self.train_time = ckpt.extra["train_time"]
+
+    # -------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        t = self.cfg.train
+        tic = time.perf_counter()
+        loss, extra, units, aux, num_layers = self._accumulate_gradients()
+        if not math.isfinite(loss):  # stop before the update: the last checkpoint stays the last good state
+            raise FloatingPointError(f"training loss is {loss} at step {self.step + 1}; lower train.lr?")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        balance_step(self.model, aux, t.balance_bias_rate)
+        self.step += 1
+        seconds = time.perf_counter() - tic
+        self.train_time += seconds
+        return StepStats(loss, extra, float(grad_norm), lr, units, seconds, aux, num_layers)
+
+    def _accumulate_gradients(self) -> tuple[float, float, int, list[MoEAux], int]:
+        """Forward and backward every micro-batch; returns mean loss, mean aux loss, units, all aux, MoE layers."""
+        n = self.cfg.train.grad_accum
+        self.model.train()
+        loss_sum = aux_sum = torch.zeros((), device=self.device)
+        units, aux = 0, []
+        for _ in range(n):
+            x, y = (v.to(self.device) for v in self.task.train_batch(self.data_rng))
+            out = self.model(x)
+            loss = self.task.loss(out, (x, y))
+            extra = aux_loss(out.aux)
+            ((loss if extra is None else loss + extra) / n).backward()
+            loss_sum = loss_sum + loss.detach()
+            aux_sum = aux_sum if extra is None else aux_sum + extra.detach()
+            units += self.task.units((x, y))
+            aux += out.aux
+        return (loss_sum / n).item(), (aux_sum / n).item(), units, aux, len(out.aux)
+
+    def evaluate(self) -> EvalResult:
+        self.last_eval = self.task.evaluate(self.model, self.device)
+        return self.last_eval
+
+    # -------------------------------------------------------------------------------- run
+
+    def fit(self) -> Summary:
+        t = self.cfg.train
+        start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(run_config_to_dict(self.cfg), indent=1))
+        metrics_path = self.out_dir / "metrics.jsonl"
+        _truncate_log(metrics_path, self.step)
+        disable = None if self.progress is None else not self.progress  # None: only on a terminal
+        with JsonlLogger(metrics_path) as log, \
+                tqdm(total=t.steps, initial=self.step, disable=disable, desc=self.out_dir.name) as bar:
+            if self.step == 0:
+                self._eval_and_log(log, start)
+            window_units, window_time = 0, 0.0
+            while self.step < t.steps:
+                stats = self.train_step()
+                window_units, window_time = window_units + stats.units, window_time + stats.seconds
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._log_step(log, bar, stats, window_units / max(window_time, 1e-9))
+                    window_units, window_time = 0, 0.0
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                    self._eval_and_log(log, start)
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    self.save()
+        if self.last_eval is None:  # resumed a finished run
+            self.evaluate()
+        summary = self._summary(time.perf_counter() - start)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+        return summary
+
+    def _log_step(self, log: JsonlLogger, bar: tqdm, stats: StepStats, rate: float) -> None:
+        layers = range(stats.num_layers)
+        maxvio = [max_violation(stats.layer_load(i)) for i in layers]
+        record = {"step": self.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                  f"{self.task.unit}_per_s": rate, "train_time": self.train_time}
+        if maxvio:  # per MoE layer; entropy of the last micro-batch
+            record.update(aux_loss=stats.aux_loss, maxvio=maxvio,
+                          group_maxvio=[max_violation(stats.layer_load(i, "tokens_per_group_G")) for i in layers],
+                          entropy=[router_entropy(a.routing.probs_TE.detach()) for a in stats.aux[-len(layers):]],
+                          dropped=[int(stats.layer_load(i, "num_dropped")) for i in layers])
+        log.log(record)
+        postfix = {"loss": f"{stats.loss:.3f}", f"{self.task.unit[:3]}/s": f"{rate:,.0f}"}
+        if maxvio:
+            postfix["maxvio"] = f"{max(maxvio):.2f}"
+        bar.set_postfix(postfix, refresh=False)
+
+    def _eval_and_log(self, log: JsonlLogger, start: float) -> None:
+        result = self.evaluate()
+        record = {"step": self.step, **result.metrics, "train_time": self.train_time,
+                  "elapsed": time.perf_counter() - start}
+        if result.expert_counts:
+            record["val_maxvio"] = [max_violation(c) for c in result.expert_counts]
+            record["val_entropy"] = result.router_entropy
+        log.log(record)
+
+    def _summary(self, wall: float) -> Summary:
+        total, active = param_counts(self.model)
+        context = self.cfg.train.seq_len if isinstance(self.task, LMTask) else None
+        tokens = self.step * self.cfg.train.grad_accum * self.cfg.train.batch_size
+        if isinstance(self.task, LMTask):
+            tokens *= self.cfg.train.seq_len
+        sample = None
+        if isinstance(self.task, LMTask) and self.task.tokenizer is not None:
+            sample = self.task.sample(self.model, SAMPLE_PROMPT, SAMPLE_TOKENS, seed=self.cfg.train.seed)
+        result = self.last_eval
+        return Summary(
+            out_dir=str(self.out_dir), steps=self.step, metrics=result.metrics,
+            baseline_loss=self.task.baseline_loss, params_total=total, params_active=active,
+            flops_per_token=flops_per_token(self.model, context),
+            experts=expert_report(result.expert_counts, result.router_entropy), unit=self.task.unit,
+            throughput=tokens / max(self.train_time, 1e-9), train_time_s=self.train_time, wall_time_s=wall,
+            sample=sample,
+        )
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None) -> Summary:
+    """Train ``cfg``; with ``resume``, continue from the newest checkpoint in ``train.out_dir`` if there is one."""
+    ckpt = None
+    path = latest_checkpoint(cfg.train.out_dir)
+    if path is not None and not resume:
+        raise ValueError(f"{cfg.train.out_dir} already holds checkpoints (latest {path.name}); continue that run "
+                         "with --resume (resume=True) or choose another output directory")
+    if path is not None:
+        ckpt = load_checkpoint(path)
+    tokenizer = None if ckpt is None or ckpt.extra.get("tokenizer") is None \
+        else tokenizer_from_record(ckpt.extra["tokenizer"])
+    trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress)
+    if ckpt is not None:
+        trainer.load(ckpt)
+    return trainer.fit()
+
+
+def load_run(path: str | os.PathLike, overrides: Callable[[RunConfig], RunConfig] | None = None,
+             device: str = "cpu"):
+    """Rebuild ``(task, model, checkpoint)`` from a checkpoint directory or a run directory (its newest one).
+
+    ``overrides`` may change the saved config (e.g. the data path) before the task is built.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint or run directory at {path}")
+    if latest_checkpoint(path) is not None:
+        path = latest_checkpoint(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if "config" not in ckpt.extra:
+        raise ValueError(f"checkpoint {path} holds no run config (not written by the dualroute trainer)")
+    cfg = run_config_from_dict(ckpt.extra["config"])
+    if overrides is not None:
+        cfg = overrides(cfg)
+    record = ckpt.extra.get("tokenizer")
+    task = make_task(cfg, None if record is None else tokenizer_from_record(record))
+    model = task.build_model()
+    model.load_state_dict(ckpt.model_state)
+    return task, model.to(resolve_device(device)).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------- printing
+
+
+def format_summary(s: Summary) -> str:
+    lines = [f"run {s.out_dir}: {s.steps} steps in {s.train_time_s:.1f} s training ({s.wall_time_s:.1f} s wall), "
+             f"{s.throughput:,.0f} {s.unit}/s"]
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items())
+    lines.append(f"  validation: {metrics} (baseline loss {s.baseline_loss:.4f})")
+    lines.append(f"  parameters: {s.params_total:,} total, {s.params_active:,} active; "
+                 f"{s.flops_per_token / 1e6:.2f} MFLOPs per token (forward)")
+    for layer in s.experts:
+        share = " ".join(f"{100 * x:.0f}" for x in layer["share"])
+        lines.append(f"  moe layer {layer['layer']}: expert share % [{share}]  maxvio {layer['maxvio']:.2f}  "
+                     f"entropy {layer['entropy']:.2f}")
+    if s.sample is not None:
+        lines.append("  sample: " + s.sample.replace("\n", "\n          "))
+    return "\n".join(lines)

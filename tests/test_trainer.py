@@ -1,0 +1,210 @@
+"""Run configs and presets, tasks, and the trainer: logs, checkpoints, exact resume, crash safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualroute.models import ImageConfig, LMConfig, param_counts
+from dualroute.train import checkpoint as ckpt
+from dualroute.train.metrics_log import read_jsonl
+from dualroute.train.presets import (
+    PRESETS,
+    RunConfig,
+    get_preset,
+    override,
+    run_config_from_dict,
+    run_config_to_dict,
+)
+from dualroute.train.tasks import make_task
+from dualroute.train.trainer import Trainer, train
+
+TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=32", "model.max_seq_len=16",
+           "train.seq_len=16", "train.batch_size=4", "train.eval_batches=2", "train.log_every=1",
+           "train.warmup_steps=1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads that wait
+    # for a core make every small op slow.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lm(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
+    moe = ["model.moe.hidden=16"] if preset != "lm-dense" else []
+    return override(get_preset(preset), [*TINY_LM, *moe, f"train.out_dir={out}", *extra])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_and_round_trip(name):
+    cfg = get_preset(name)
+    assert isinstance(cfg.model, LMConfig if name.startswith("lm") else ImageConfig)
+    assert run_config_from_dict(json.loads(json.dumps(run_config_to_dict(cfg)))) == cfg
+
+
+def test_lm_presets_differ_only_in_routing():
+    dual, flat, dense = (get_preset(n).model for n in ("lm-dual", "lm-flat", "lm-dense"))
+    assert (dual.moe.num_groups, dual.moe.groups_per_token) == (4, 2)
+    assert (flat.moe.num_groups, flat.moe.groups_per_token) == (1, 1)
+    assert dual.moe.num_experts == flat.moe.num_experts and dual.moe.hidden == flat.moe.hidden
+    assert dense.moe is None and dense.dense_twin_of == dual.moe
+    tasks = {n: make_task(get_preset(n)) for n in ("lm-dual", "lm-dense")}
+    active = {n: param_counts(t.build_model())[1] for n, t in tasks.items()}
+    assert abs(active["lm-dual"] - active["lm-dense"]) / active["lm-dense"] < 0.02  # only the routers differ
+
+
+def test_overrides_reach_nested_and_union_typed_fields():
+    cfg = override(get_preset("lm-dual"), ["model.moe.num_experts=16", "--train.steps=7", "model.dim=64"])
+    assert cfg.model.moe.num_experts == 16 and cfg.train.steps == 7
+    assert cfg.model.dim == cfg.model.moe.dim == 64  # model.dim carries the MoE dim along
+    img = override(get_preset("digits-dense"), ["model.dim=32", "model.n_layers=1"])
+    assert img.model.dim == img.model.dense_twin_of.dim == 32 and img.model.n_layers == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["model.moe.nope=1"], "unknown config key"),
+    (["train.steps=abc"], "cannot parse"),
+    (["train.steps=0"], "train.steps must be >= 1"),
+    (["data.kind=digits"], "needs an image model"),
+    (["train.seq_len=4096"], "exceeds model.max_seq_len"),
+])
+def test_bad_overrides_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        override(get_preset("lm-dual"), bad)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def test_tiny_run_writes_log_checkpoint_summary(tmp_path):
+    summary = train(tiny_lm(tmp_path, "train.steps=3", "train.eval_every=2"), progress=False)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 3]
+    assert all(len(r["maxvio"]) == 2 for r in records if "loss" in r)  # two MoE layers
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000003"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == 3 and saved["metrics"]["val_loss"] == summary.metrics["val_loss"]
+    assert saved["params_active"] < saved["params_total"] and saved["flops_per_token"] > 0
+    assert len(saved["experts"]) == 2 and abs(sum(saved["experts"][0]["share"]) - 1) < 1e-3
+    assert saved["sample"].startswith("The ")
+    assert run_config_from_dict(json.loads((tmp_path / "config.json").read_text())).train.steps == 3
+
+
+def test_image_run_reports_accuracy(tmp_path):
+    cfg = override(get_preset("digits-dual"), ["train.steps=2", "train.batch_size=16", "train.eval_batches=2",
+                                               "model.dim=16", "model.n_layers=1", f"train.out_dir={tmp_path}"])
+    summary = train(cfg, progress=False)
+    assert 0.0 <= summary.metrics["val_acc"] <= 1.0 and summary.unit == "images" and summary.sample is None
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """4 straight steps == 2 steps, a crash, and a resume for 2 more: same losses, same weights."""
+    extra = ("train.steps=4", "train.save_every=2", "train.eval_every=3", "model.dropout=0.1")
+    train(tiny_lm(tmp_path / "straight", *extra), progress=False)
+
+    step = Trainer.train_step
+
+    def crash_at_step_3(self):
+        if self.step == 2:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_lm(tmp_path / "resumed", *extra), progress=False)
+    monkeypatch.undo()
+    assert sorted(train_losses(tmp_path / "resumed")) == [1, 2]
+    train(tiny_lm(tmp_path / "resumed", *extra), resume=True, progress=False)
+
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    a = ckpt.load_checkpoint(tmp_path / "straight" / "ckpt-00000004")
+    b = ckpt.load_checkpoint(tmp_path / "resumed" / "ckpt-00000004")
+    assert a.model_state.keys() == b.model_state.keys()
+    for name in a.model_state:
+        assert torch.equal(a.model_state[name], b.model_state[name]), name
+
+
+def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_lm(tmp_path, "train.steps=2", "train.save_every=1")
+    write_all = ckpt._write_all
+
+    def fail_on_second_save(tmp, *args):
+        if (tmp_path / "ckpt-00000001").exists():
+            tmp.mkdir()
+            (tmp / ckpt.MODEL_FILE).write_bytes(b"half a file")
+            raise OSError("disk full")
+        write_all(tmp, *args)
+
+    monkeypatch.setattr(ckpt, "_write_all", fail_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000001"
+    assert ckpt.load_checkpoint(tmp_path / "ckpt-00000001").extra["step"] == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert train(cfg, resume=True, progress=False).steps == 2
+
+
+def test_resume_rejects_another_model(tmp_path):
+    train(tiny_lm(tmp_path, "train.steps=1"), progress=False)
+    with pytest.raises(ValueError, match="different model config"):
+        train(tiny_lm(tmp_path, "train.steps=2", "model.n_layers=1"), resume=True, progress=False)
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path):
+    """Dense model, no dropout: 2 micro-batches of 4 take the same step as one batch of 8."""
+    common = ("train.steps=2", "train.eval_every=0", "train.grad_clip=0")
+    train(tiny_lm(tmp_path / "accum", *common, "train.batch_size=4", "train.grad_accum=2", preset="lm-dense"),
+          progress=False)
+    train(tiny_lm(tmp_path / "big", *common, "train.batch_size=8", preset="lm-dense"), progress=False)
+    for step, loss in train_losses(tmp_path / "big").items():
+        assert train_losses(tmp_path / "accum")[step] == pytest.approx(loss, abs=1e-5)
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "accum")).model_state
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "big")).model_state
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_char_tokenizer_travels_with_the_checkpoint(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = tiny_lm(tmp_path / "run", "train.steps=1", "data.tokenizer=char", f"data.path={corpus}")
+    train(cfg, progress=False)
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert saved.extra["tokenizer"]["kind"] == "char"
+    assert saved.extra["config"]["model"]["vocab_size"] == len(set(corpus.read_text())) + 1
+
+
+def test_balance_losses_and_correction_biases(tmp_path):
+    """The layers' aux losses join the loss; correction biases move after each step only when rate > 0."""
+    def router_biases(rate: str, out: Path) -> list[torch.Tensor]:
+        trainer = Trainer(tiny_lm(out, "train.steps=1", "model.moe.balance.switch=0.01",
+                                  f"train.balance_bias_rate={rate}"), progress=False)
+        stats = trainer.train_step()
+        assert stats.aux_loss > 0
+        return [m.router.expert_bias_E for m in trainer.model.modules() if hasattr(m, "router")]
+
+    assert all(b.abs().sum() > 0 for b in router_biases("0.01", tmp_path / "a"))
+    assert all(b.abs().sum() == 0 for b in router_biases("0", tmp_path / "b"))
+
+
+def test_fresh_run_refuses_a_used_directory(tmp_path):
+    train(tiny_lm(tmp_path, "train.steps=1"), progress=False)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tiny_lm(tmp_path, "train.steps=1"), progress=False)
