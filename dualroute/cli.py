@@ -1,4 +1,4 @@
-"""The ``dualroute`` console script: train, eval, generate, compare, bench.
+"""The ``dualroute`` console script: train, eval, generate, compare, convert, inspect, bench.
 
 Config overrides are dotted ``key=value`` words (``train.steps=200``, ``--model.moe.num_experts=16``,
 ``--data.path corpus.txt``) anywhere on the command line. Expected failures (unknown preset or key, a
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation metrics of a checkpoint", allow_abbrev=False)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
 
-    p = sub.add_parser("generate", help="sample text from a language-model checkpoint", allow_abbrev=False)
+    p = sub.add_parser("generate", help="sample text from a language-model checkpoint (or, with --hf PATH, "
+                       "a Hugging Face MoE folder: dualroute generate --hf PATH --help)", allow_abbrev=False)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -86,17 +87,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("bench", help="micro-benchmarks (dualroute bench layer --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: layer, balance, hf, ep (dualroute bench layer --help)", add_help=False)
+    sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute (dualroute convert --help)",
+                   add_help=False)
+    sub.add_parser("inspect", help="routing figures and report of a checkpoint (dualroute inspect --help)",
+                   add_help=False)
     return parser
+
+
+# Commands with their own argument parsers, imported only when used ("module:function").
+_DELEGATED = {
+    "bench": "dualroute.bench:main",
+    "convert": "dualroute.interop.cli_hooks:convert_main",
+    "inspect": "dualroute.inspect.cli_hook:inspect_main",
+}
+
+
+def _delegate(argv: list[str]) -> str | None:
+    if argv and argv[0] in _DELEGATED:
+        return _DELEGATED[argv[0]]
+    if argv and argv[0] == "generate" and any(a == "--hf" or a.startswith("--hf=") for a in argv[1:]):
+        return "dualroute.interop.cli_hooks:generate_hf_main"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "bench":  # its own argument parser
-            from dualroute import bench
+        target = _delegate(argv)
+        if target is not None:
+            import importlib
 
-            return bench.main(argv[1:])
+            module, _, func = target.partition(":")
+            return getattr(importlib.import_module(module), func)(argv[1:])
         rest, overrides = split_overrides(argv)
         args = build_parser().parse_args(rest)
         return _COMMANDS[args.command](args, overrides)
