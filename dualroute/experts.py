@@ -85,32 +85,26 @@ class Experts(nn.Module):
         return self.w13 if self.cfg.kind == "swiglu" else self.w1
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
         h_NF = grouped_mm(x_ND, self.first_weight(), counts_E, self.b1)
-        if cfg.kind == "linear":
+        if self.cfg.kind == "linear":
             return h_NF
-        if cfg.kind == "swiglu":
-            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            h_NF = F.silu(gate_NF) * up_NF
-        else:
-            h_NF = _activate(h_NF, cfg.activation)
-        return grouped_mm(h_NF, self.w2, counts_E, self.b2)
+        return grouped_mm(self._activate(h_NF), self.w2, counts_E, self.b2)
 
     def forward_one(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to every row: the plain, loop-free definition (for references)."""
-        cfg = self.cfg
         h = x_TD @ self.first_weight()[e]
         if self.b1 is not None:  # cast: under autocast h is in the autocast dtype, as F.linear's would be
             h = h + self.b1[e].to(h.dtype)
-        if cfg.kind == "linear":
+        if self.cfg.kind == "linear":
             return h
-        if cfg.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = _activate(h, cfg.activation)
-        y = h @ self.w2[e]
+        y = self._activate(h) @ self.w2[e]
         return y if self.b2 is None else y + self.b2[e].to(y.dtype)
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return _activate(h, self.cfg.activation)
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
