@@ -1,4 +1,5 @@
-"""``dualroute bench layer``: time the MoE layer against its fair baselines, side by side.
+"""``dualroute bench layer`` / ``bench lm``: time the MoE layer and the MoE language model against
+their fair baselines, side by side.
 
 Every comparison runs in one process, alternating the contenders round by round so that a
 noisy neighbour slows both, and reports medians and ratios (never absolute pass/fail).
@@ -186,12 +187,70 @@ def run_layer(argv: list[str]) -> int:
     return 0
 
 
+def lm_train_step(model: nn.Module, idx_BS: torch.Tensor) -> Callable[[], None]:
+    """One optimizer step of a language model: forward, loss (+ aux losses), backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        out = model(idx_BS[:, :-1])
+        loss = nn.functional.cross_entropy(out.logits.flatten(0, 1), idx_BS[:, 1:].flatten())
+        loss = loss + sum(a.loss for a in out.aux)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run_lm(argv: list[str]) -> int:
+    """``dualroute bench lm``: training-step time of the presets' MoE LMs against their dense twin."""
+    from .models import TransformerLM
+    from .train.presets import get_preset, override
+
+    p = argparse.ArgumentParser(prog="dualroute bench lm", description=run_lm.__doc__)
+    p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=256")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [n for n in args.presets.split(",") if n]
+    configs = {n: override(get_preset(n), args.overrides) for n in names}
+    first = next(iter(configs.values())).train
+    gen = torch.Generator().manual_seed(0)
+    contenders = []
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = TransformerLM(cfg.model)
+        idx_BS = torch.randint(0, cfg.model.vocab_size, (first.batch_size, first.seq_len + 1), generator=gen)
+        contenders.append(Contender(name, lm_train_step(model, idx_BS)))
+    medians = time_alternating(contenders, args.repeats, warmup=3)
+    tokens = first.batch_size * first.seq_len
+    base = names[0]
+    print(f"dualroute bench lm: batch {first.batch_size} x {first.seq_len} tokens, {args.threads} threads, "
+          f"median of {args.repeats} AdamW steps")
+    result = {"setup": {"presets": names, "overrides": args.overrides, "threads": args.threads,
+                        "tokens_per_step": tokens, "torch": torch.__version__}, "medians_s": medians}
+    for name, seconds in medians.items():
+        ratio = seconds / medians[base]
+        result[f"{name}_over_{base}"] = ratio
+        print(f"  {name:12s} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9.0f} tokens/s  "
+              f"step time / {base} {ratio:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
     benches = {  # module:function, imported only when asked for
         "layer": "dualroute.bench:run_layer",
+        "lm": "dualroute.bench:run_lm",
         "balance": "dualroute.balance_bench:main",
         "hf": "dualroute.interop.bench_hf:main",
         "ep": "dualroute.parallel.bench_ep:main",

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config (overrides still apply, e.g. train.steps=2000 to extend it); "
                         "without a checkpoint, start it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
+                   help="shard the experts over N processes, each training on 1/N of the batch; launch with "
+                        "torchrun --nproc-per-node N -m dualroute train ... --expert-parallel N (N = WORLD_SIZE)")
 
     p = sub.add_parser("eval", help="validation metrics of a checkpoint", allow_abbrev=False)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -162,8 +165,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.config:
         cfg = load_config_file(args.config, cfg)
     cfg = override(cfg, overrides)
-    summary = train(cfg, resume=args.resume, progress=False if args.quiet else None)
-    print(format_summary(summary))
+    summary = train(cfg, resume=args.resume, progress=False if args.quiet else None,
+                    expert_parallel=args.expert_parallel)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
+        print(format_summary(summary))
     return 0
 
 
@@ -217,13 +222,14 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UsageError("compare needs at least one preset and one seed")
     configs = {p: override(get_preset(p), overrides) for p in presets}  # fail fast on a bad preset or key
     out = Path(args.out)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for preset, base in configs.items():
-        for seed in seeds:
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in presets}
+    # Seed-major order: a slow spell on a shared machine then hits every preset, not just one.
+    for seed in seeds:
+        for preset, base in configs.items():
             extra = [f"train.seed={seed}", f"train.out_dir={out / preset / f'seed{seed}'}"]
             if args.steps is not None:
                 extra.append(f"train.steps={args.steps}")
-            runs.setdefault(preset, []).append(_run_one(override(base, extra), not args.quiet))
+            runs[preset].append(_run_one(override(base, extra), not args.quiet))
     table = compare_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table + "\n")
