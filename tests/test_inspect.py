@@ -1,0 +1,340 @@
+"""Routing analysis (dualroute.inspect): statistics on layers whose routing is set by hand, then the
+whole tool on tiny trained checkpoints: figures, report, --compare, and one-line errors for bad input.
+
+Shapes: B batch, S tokens per example, T tokens, D model dim, E experts, G groups, M experts per group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dualroute.data import write_mnist_idx, write_token_bin
+from dualroute.dispatch import expert_capacity
+from dualroute.inspect import (analyse_checkpoint, contingency, coselection, inspect_checkpoint, layer_stats,
+                               mutual_information, routing_history, stability, top1)
+from dualroute.inspect.cli_hook import inspect_main
+from dualroute.inspect.collect import gather
+from dualroute.layer import MoEConfig, MoELayer
+from dualroute.losses import router_entropy
+from dualroute.models import ModelOutput
+from dualroute.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dualroute.train.presets import get_preset, override
+from dualroute.train.trainer import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_DIGITS = ["model.dim=16", "model.n_heads=2", "model.moe.hidden=8", "model.ffn_hidden=16",
+               "train.batch_size=32", "train.eval_batches=2", "train.warmup_steps=1", "train.log_every=1",
+               "train.steps=3"]
+TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=32", "model.moe.hidden=16",
+           "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=4", "train.eval_batches=2",
+           "train.log_every=1", "train.warmup_steps=1", "train.steps=3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; a busy machine makes waiting OpenMP threads slow
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------ hand-set routing, one layer
+
+
+class OneLayer(nn.Module):
+    """A model around one MoE layer, shaped like the library's models: ``ModelOutput(logits, [aux])``."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_BSD: torch.Tensor) -> ModelOutput:
+        y_BSD, aux = self.layer(x_BSD)
+        return ModelOutput(y_BSD.sum(-1), [aux])
+
+
+def class_router_layer(expert_of_class: list[int], **cfg) -> MoELayer:
+    """E=4 experts in G=2 groups, K=J=1: the one-hot input of class c goes to ``expert_of_class[c]``.
+
+    Group gate: class c -> group of its expert; expert gate row e: the classes sent to e. Logits are 0 or 20,
+    so every choice wins by a margin of 20.
+    """
+    layer = MoELayer(MoEConfig(dim=4, hidden=2, num_experts=4, num_groups=2, groups_per_token=1,
+                               experts_per_token=1, **cfg))
+    with torch.no_grad():
+        gate, group_gate = torch.zeros(4, 4), torch.zeros(2, 4)
+        for c, e in enumerate(expert_of_class):
+            gate[e, c] = group_gate[e // 2, c] = 20.0
+        layer.router.gate.weight.copy_(gate)
+        layer.router.gate.bias.zero_()
+        layer.router.group_gate.weight.copy_(group_gate)
+        layer.router.group_gate.bias.zero_()
+    return layer.eval()
+
+
+def class_batches(labels: list[int], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One token per example (S=1): the one-hot vector of its class."""
+    y_B = torch.tensor(labels)
+    x_BSD = torch.eye(4)[y_B].unsqueeze(1)
+    return [(x_BSD[i: i + batch_size], y_B[i: i + batch_size]) for i in range(0, len(labels), batch_size)]
+
+
+LABELS = [0] * 5 + [1] * 3 + [2] * 2 + [3] * 2  # T = 12
+
+
+def test_loads_maxvio_entropy_of_hand_set_routing():
+    layer = class_router_layer([0, 1, 2, 3])
+    (r,), labels_T, positions_T = gather(OneLayer(layer), class_batches(LABELS, 5), is_lm=False)
+    s = layer_stats(r)
+    assert labels_T.tolist() == LABELS and positions_T.tolist() == [0] * 12
+    assert r.expert_ids_TK[:, 0].tolist() == LABELS  # class c -> expert c
+    assert r.group_ids_TJ[:, 0].tolist() == [c // 2 for c in LABELS]
+    assert s.tokens_per_expert_E.tolist() == [5, 3, 2, 2]
+    assert s.tokens_per_group_G.tolist() == [8, 4]
+    assert s.usage_GM.tolist() == [[5, 3], [2, 2]]
+    assert s.maxvio == pytest.approx(5 / 3 - 1, abs=1e-12)
+    assert s.group_maxvio == pytest.approx(8 / 6 - 1, abs=1e-12)
+    assert s.dropped_rate == 0.0
+    assert s.coselect_EE.tolist() == np.diag([5, 3, 2, 2]).tolist()  # K = 1: nothing chosen together
+    x_TD = torch.cat([x for x, _ in class_batches(LABELS, 12)]).squeeze(1)
+    _, aux = layer(x_TD)
+    assert s.entropy == pytest.approx(router_entropy(aux.routing.probs_TE), rel=1e-6)
+    assert s.group_entropy == pytest.approx(router_entropy(aux.routing.group_probs_TG), rel=1e-6)
+
+
+def test_dropped_rate_with_eval_capacity():
+    layer = class_router_layer([0, 1, 2, 3], eval_capacity_factor=0.5)
+    (r,), _, _ = gather(OneLayer(layer), class_batches(LABELS, 12), is_lm=False)
+    capacity = expert_capacity(12, 1, 4, 0.5)
+    want = sum(max(0, n - capacity) for n in [5, 3, 2, 2]) / 12
+    assert want > 0 and layer_stats(r).dropped_rate == pytest.approx(want)
+
+
+def test_coselection_counts_pairs():
+    ids_TK = np.array([[0, 1], [1, 0], [0, 2], [3, 1], [2, -1]])  # -1: an empty slot, skipped
+    C = coselection(ids_TK, 4)
+    assert C.tolist() == [[3, 2, 1, 0],
+                          [2, 3, 0, 1],
+                          [1, 0, 2, 0],
+                          [0, 1, 0, 1]]
+
+
+def test_mutual_information_exact():
+    labels_T = np.repeat(np.arange(4), 3)
+    mi, h = mutual_information(contingency(labels_T, labels_T[:, None], 4, 4))  # one-to-one
+    assert mi == pytest.approx(math.log2(4), abs=1e-12) and h == pytest.approx(2.0, abs=1e-12)
+    eight_T = np.repeat(np.arange(8), 5)
+    mi, h = mutual_information(contingency(eight_T, (eight_T % 4)[:, None], 8, 4))  # class c -> expert c % 4
+    assert mi == pytest.approx(2.0, abs=1e-12) and h == pytest.approx(3.0, abs=1e-12)
+    independent_YE = np.outer([1, 2, 3], [4, 4, 2, 6])
+    assert mutual_information(independent_YE)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mutual_information_of_a_routed_layer():
+    layer = class_router_layer([0, 1, 2, 3])
+    labels = [c for c in range(4) for _ in range(3)]
+    (r,), labels_T, _ = gather(OneLayer(layer), class_batches(labels, 4), is_lm=False)
+    counts_YE = contingency(labels_T, r.expert_ids_TK, 4, 4)
+    assert counts_YE.tolist() == (3 * np.eye(4, dtype=int)).tolist()
+    assert mutual_information(counts_YE)[0] == pytest.approx(2.0, abs=1e-12)
+    # Level 1: two classes per group, so the group carries exactly one of the two bits.
+    assert mutual_information(contingency(labels_T, r.group_ids_TJ, 4, 2))[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_stability_of_hand_set_routers():
+    batches = class_batches(LABELS, 5)
+    (a,), _, _ = gather(OneLayer(class_router_layer([0, 1, 2, 3])), batches, is_lm=False)
+    (same,), _, _ = gather(OneLayer(class_router_layer([0, 1, 2, 3])), batches, is_lm=False)
+    (b,), _, _ = gather(OneLayer(class_router_layer([1, 0, 2, 3])), batches, is_lm=False)  # classes 0, 1 swap
+    s = stability(a, same)
+    assert (s.top1_changed, s.set_changed, s.group_set_changed) == (0.0, 0.0, 0.0)
+    s = stability(a, b)
+    assert s.top1_changed == s.set_changed == pytest.approx(8 / 12)
+    assert s.group_set_changed == 0.0  # both experts are in group 0
+    assert s.transitions_EE.tolist() == [[0, 5, 0, 0], [3, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 2]]
+
+
+def test_top1_takes_the_largest_weight():
+    ids_TK = np.array([[2, 0], [1, 3], [-1, 2]])
+    weights_TK = np.array([[0.3, 0.7], [0.6, 0.4], [0.0, 0.5]])
+    assert top1(ids_TK, weights_TK).tolist() == [0, 1, 2]
+
+
+def test_routing_history_per_layer():
+    records = [{"step": 0, "val_maxvio": [1.0, 2.0]}, {"step": 10, "maxvio": [0.5, 0.25], "entropy": [1.0, 1.5]},
+               {"step": 20, "maxvio": [0.4]}, {"step": 30, "loss": 1.0}]
+    h = routing_history(records)
+    assert set(h) == {"maxvio", "entropy", "val_maxvio"}
+    assert h["maxvio"].steps_S.tolist() == [10, 20]
+    np.testing.assert_array_equal(h["maxvio"].values_SL, [[0.5, 0.25], [0.4, np.nan]])
+
+
+# ------------------------------------------------------------------------------- tiny checkpoints
+
+
+def _train(out: Path, preset: str, tiny: list[str]) -> Path:
+    train(override(get_preset(preset), [*tiny, f"train.out_dir={out}"]), progress=False)
+    return latest_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return _train(tmp_path_factory.mktemp("digits"), "digits-dual", TINY_DIGITS)
+
+
+@pytest.fixture(scope="module")
+def lm_ckpt(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return _train(tmp_path_factory.mktemp("lm"), "lm-dual", TINY_LM)
+
+
+def links(report: Path) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def digits_out(digits_ckpt, tmp_path_factory) -> tuple[Path, str]:
+    """One full run of the CLI (compared with itself) into a folder that already holds the user's files."""
+    out = tmp_path_factory.mktemp("digits_out")
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("keep me")
+    (out / "mine.png").write_bytes(b"not ours")
+    (out / "report.md.bak").write_text("mine too")
+    argv = [str(digits_ckpt), "--compare", str(digits_ckpt), "--batches", "2", "--out", str(out)]
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert inspect_main(argv) == 0
+    return out, stdout.getvalue()
+
+
+DIGITS_FIGURES = ["load.png", "group_expert_usage.png", "coselection.png", "class_expert.png", "class_group.png",
+                  "training.png", "stability.png"]
+
+
+def test_digits_report_links_every_figure(digits_out):
+    out, _ = digits_out
+    for name in DIGITS_FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert sorted(links(out / "report.md")) == sorted(DIGITS_FIGURES)
+
+
+def test_user_files_in_the_output_folder_survive(digits_out):
+    out, _ = digits_out
+    assert (out / "notes" / "mine.txt").read_text() == "keep me"
+    assert (out / "mine.png").read_bytes() == b"not ours"
+    assert (out / "report.md.bak").read_text() == "mine too"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*DIGITS_FIGURES, "report.md", "notes", "mine.png",
+                                                            "report.md.bak"])
+
+
+def test_report_numbers_are_the_analysis_numbers(digits_ckpt, digits_out):
+    an = analyse_checkpoint(digits_ckpt, batches=2)
+    text = (digits_out[0] / "report.md").read_text(encoding="utf-8")
+    B = 32  # batch size of TINY_DIGITS; 2 batches of 8x8 images in 2x2 patches: 17 tokens each
+    assert len(an.inspected.labels_T) == 2 * B * 17 and len(an.layers) == 2
+    for i, (s, sp) in enumerate(zip(an.layers, an.specialisation)):
+        assert int(s.tokens_per_expert_E.sum()) == 2 * B * 17 * 2  # K = 2 rows per token
+        assert f"| {i} | {s.num_tokens:,} | {s.maxvio:.3f} | {s.group_maxvio:.3f} |" in text
+        assert f"| {i} | {sp.mi_expert:.3f} | {sp.mi_expert_norm:.3f} |" in text
+        assert 0 <= sp.mi_expert <= sp.label_entropy + 1e-9
+
+
+def test_compare_with_itself_changes_nothing(digits_out):
+    out, stdout = digits_out
+    assert stdout.count("top-1 changed 0.0%") == 2
+    text = (out / "report.md").read_text(encoding="utf-8")
+    for layer in (0, 1):
+        assert f"| {layer} | {2 * 32 * 17:,} | 0.0% | 0.0% | 0.0% |" in text  # every token, none changed
+
+
+def test_lm_report_has_top_tokens_and_examples(lm_ckpt, tmp_path):
+    report = inspect_checkpoint(lm_ckpt, tmp_path, batches=2)
+    text = report.read_text(encoding="utf-8")
+    assert "### Tokens each expert receives most" in text and "⟦" in text and "I(token id; expert)" in text
+    assert sorted(links(report)) == sorted(["load.png", "group_expert_usage.png", "coselection.png",
+                                            "token_expert.png", "training.png"])
+    for name in links(report):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_with_two_experts_swapped(digits_ckpt, tmp_path):
+    """Swap experts 0 and 1 (router rows, correction biases, weights) in the last MoE layer: that layer
+    computes the same function, so exactly the tokens that used expert 0 or 1 change, and nothing else."""
+    ckpt = load_checkpoint(digits_ckpt)
+    state = dict(ckpt.model_state)
+    for name, t in state.items():
+        if name.startswith(("blocks.1.ffn.experts.", "blocks.1.ffn.router.gate.", "blocks.1.ffn.router.expert_bias")):
+            state[name] = t.clone()
+            state[name][[0, 1]] = t[[1, 0]]
+    swapped = save_checkpoint(tmp_path / "swapped", model_state=state, extra=ckpt.extra, rng=False)
+    an = analyse_checkpoint(digits_ckpt, compare=swapped, batches=2)
+    assert an.stability[0].top1_changed == an.stability[0].set_changed == 0.0
+    r = an.inspected.layers[1]
+    has_TE = np.stack([(r.expert_ids_TK == e).any(1) for e in (0, 1)], axis=1)
+    s = an.stability[1]
+    assert s.top1_changed == pytest.approx(np.isin(top1(r.expert_ids_TK, r.weights_TK), [0, 1]).mean())
+    assert s.set_changed == pytest.approx((has_TE.sum(1) == 1).mean())
+    assert s.group_set_changed == 0.0 and s.top1_changed > 0
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def error_of(argv: list[str], capsys) -> str:
+    assert inspect_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert str(missing) in error_of([str(missing), "--out", str(tmp_path / "o")], capsys)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        analyse_checkpoint(missing)
+
+
+def test_foreign_folder(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    assert "not a dualroute checkpoint" in error_of([str(foreign), "--out", str(tmp_path / "o")], capsys)
+    (foreign / "meta.json").write_text('{"format": "something-else"}')
+    assert str(foreign) in error_of([str(foreign), "--out", str(tmp_path / "o")], capsys)
+
+
+def test_image_data_of_the_wrong_shape(digits_ckpt, tmp_path, capsys):
+    mnist = tmp_path / "mnist"
+    write_mnist_idx(mnist, np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10)
+    err = error_of([str(digits_ckpt), "--data", str(mnist), "--out", str(tmp_path / "o")], capsys)
+    assert str(mnist) in err and "1x8x8" in err and "28x28" in err
+    assert not (tmp_path / "o").exists()  # nothing written for a failed run
+
+
+def test_token_ids_outside_the_vocabulary(lm_ckpt, tmp_path, capsys):
+    tokens = tmp_path / "tokens.bin"
+    write_token_bin(tokens, np.arange(400) % 300)
+    err = error_of([str(lm_ckpt), "--data", str(tokens), "--out", str(tmp_path / "o")], capsys)
+    assert str(tokens) in err and "256" in err
+
+
+def test_unwritable_output(digits_ckpt, tmp_path, capsys):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    out = tmp_path / "afile" / "x"
+    assert str(out) in error_of([str(digits_ckpt), "--out", str(out)], capsys)
+    with pytest.raises(ValueError, match="afile"):
+        inspect_checkpoint(digits_ckpt, out)
+
+
+def test_bad_batches(digits_ckpt, tmp_path, capsys):
+    assert "batches" in error_of([str(digits_ckpt), "--batches", "0", "--out", str(tmp_path)], capsys)
