@@ -8,6 +8,7 @@
     opt.step()
     full = gather_expert_state(model)             # unsharded state dict, any rank
     load_full_state_dict(model, full)             # any full checkpoint into any W | E
+    gather_optimizer_state(model, opt) / load_full_optimizer_state(model, opt, full)   # the same for Adam
 
 See docs/distributed.md.
 """
@@ -18,7 +19,7 @@ from .data_parallel import (clip_grad_norm_, data_parallel_grads, expert_paramet
 from .expert_parallel import ExpertParallelMoELayer, apply_expert_parallel, expert_parallel_layers, traffic
 from .launch import init_distributed, run_workers
 from .placement import Placement
-from .state import gather_expert_state, load_full_state_dict
+from .state import gather_expert_state, gather_optimizer_state, load_full_optimizer_state, load_full_state_dict
 
 __all__ = [
     "ExpertParallelMoELayer",
@@ -31,7 +32,9 @@ __all__ = [
     "expert_parallel_layers",
     "expert_parameters",
     "gather_expert_state",
+    "gather_optimizer_state",
     "init_distributed",
+    "load_full_optimizer_state",
     "load_full_state_dict",
     "replicated_parameters",
     "run_workers",

@@ -10,6 +10,7 @@ backward alike, so the meter reads what actually crossed the wire in a training 
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, fields
 
@@ -77,7 +78,7 @@ def _all_to_all(x_R, send_splits, recv_splits, group, meter):
         raise RuntimeError(f"expert-parallel all-to-all failed on rank {rank} (a peer died or stalled past the "
                            f"process group's timeout): {e}") from e
     if meter is not None:
-        row_bytes = x_R[0].numel() * x_R.element_size() if x_R.dim() > 1 else x_R.element_size()
+        row_bytes = math.prod(x_R.shape[1:]) * x_R.element_size()  # x_R may hold no rows
         meter.bytes_sent += (sum(send_splits) - send_splits[rank]) * row_bytes
     return out_R
 

@@ -32,8 +32,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
         raise ValueError(f"timeout_s must be finite and > 0, got {timeout_s!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    given = {"rank": rank, "world_size": world_size}  # torch wants them absent (not None) under env://
+    dist.init_process_group(backend, init_method=init_method, timeout=timedelta(seconds=timeout_s),
+                            **{k: v for k, v in given.items() if v is not None})
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     out_dir: str = "runs/lm-dual"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = None  # torch CPU threads; None = torch's default
+    dist_timeout_s: float = 300.0  # expert parallelism: a collective waiting longer than this fails (dead peer)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every",
@@ -81,6 +82,8 @@ class TrainConfig:
                              f"{self.weight_decay}, {self.grad_clip}, {self.balance_bias_rate}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be in [0, 1), got {self.betas}")
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
+            raise ValueError(f"train.dist_timeout_s must be finite and > 0, got {self.dist_timeout_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"train.threads must be >= 1 or None, got {self.threads}")
 

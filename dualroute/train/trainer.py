@@ -5,6 +5,10 @@ A run directory (``train.out_dir``) holds ``config.json``, ``metrics.jsonl``, ``
 the end, ``summary.json``. A checkpoint holds everything the next step depends on (weights, optimizer,
 schedule, the global RNGs and the batch sampler's generator), so an interrupted run resumed from it
 takes the very steps the uninterrupted run would have taken.
+
+``train(cfg, expert_parallel=W)`` under ``torchrun --nproc-per-node W`` runs the same steps with the
+experts sharded over W ranks: the trainer calls its ``ranks`` (``distributed.py``) at the few points
+where that differs; on one process those calls do nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dualroute.train.checkpoint import (
     save_checkpoint,
 )
 from dualroute.train.configio import config_to_dict
+from dualroute.train.distributed import SingleProcess, launch
 from dualroute.train.metrics_log import JsonlLogger, read_jsonl
 from dualroute.train.presets import RunConfig, run_config_from_dict, run_config_to_dict
 from dualroute.train.schedule import warmup_cosine_scheduler
@@ -167,17 +172,27 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 class Trainer:
-    """One run: ``Trainer(cfg).fit()`` trains up to ``cfg.train.steps``, from scratch or after ``load(checkpoint)``."""
+    """One run: ``Trainer(cfg).fit()`` trains up to ``cfg.train.steps``, from scratch or after ``load(checkpoint)``.
 
-    def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, progress: bool | None = None) -> None:
+    ``ranks`` (from ``distributed.launch``) spreads the run over several processes; the default is one.
+    """
+
+    def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, progress: bool | None = None,
+                 ranks: SingleProcess | None = None) -> None:
         t = cfg.train
+        self.ranks = ranks or SingleProcess()
         self.device = resolve_device(t.device)
         if t.threads is not None:
             torch.set_num_threads(t.threads)
-        seed_everything(t.seed)
+        seed_everything(t.seed)  # on every rank: the same initial model
         self.task = make_task(cfg, tokenizer)
         self.cfg = self.task.run_config
-        self.model = self.task.build_model().to(self.device)
+        self.ranks.check(self.cfg)  # several ranks: the same config everywhere, a batch that splits evenly
+        model = self.task.build_model().to(self.device)
+        self.params = param_counts(model)  # (total, active) of the whole model, before any sharding
+        self.flops = flops_per_token(model, t.seq_len if isinstance(self.task, LMTask) else None)
+        self.model = self.ranks.shard(model)  # expert parallel: keep this rank's experts
+        self.ranks.seed_own_rng()  # several ranks: dropout / router noise differ between them
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
         self.scheduler = warmup_cosine_scheduler(self.optimizer, warmup_steps=min(t.warmup_steps, t.steps),
                                                  total_steps=t.steps, min_ratio=t.min_lr_ratio)
@@ -185,7 +200,7 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.step = 0
         self.train_time = 0.0
-        self.progress = progress
+        self.progress = progress if self.ranks.is_main else False
         self.last_eval: EvalResult | None = None
 
     # -------------------------------------------------------------------------------- state
@@ -198,10 +213,13 @@ class Trainer:
                 "metrics": None if self.last_eval is None else self.last_eval.metrics}
 
     def save(self) -> Path:
-        path = save_checkpoint(checkpoint_dir(self.out_dir, self.step), model_state=self.model.state_dict(),
-                               optimizer_state=self.optimizer.state_dict(),
-                               scheduler_state=self.scheduler.state_dict(), extra=self.state_extra())
-        prune_checkpoints(self.out_dir, self.cfg.train.keep_checkpoints)
+        model_state, optimizer_state = self.ranks.full_state(self.model, self.optimizer)  # experts gathered
+        path = checkpoint_dir(self.out_dir, self.step)
+        if self.ranks.is_main:
+            save_checkpoint(path, model_state=model_state, optimizer_state=optimizer_state,
+                            scheduler_state=self.scheduler.state_dict(), extra=self.state_extra())
+            prune_checkpoints(self.out_dir, self.cfg.train.keep_checkpoints)
+        self.ranks.barrier()  # the other ranks wait until rank 0 has written it
         return path
 
     def load(self, ckpt: Checkpoint) -> None:
@@ -210,11 +228,11 @@ class Trainer:
         if saved != config_to_dict(self.cfg.model):
             raise ValueError(f"checkpoint {ckpt.path} was trained with a different model config; "
                              "resume with the run's own config (its config.json)")
-        self.model.load_state_dict(ckpt.model_state)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.ranks.load_full_state(self.model, self.optimizer, ckpt.model_state, ckpt.optimizer_state)
         self.scheduler.load_state_dict(ckpt.scheduler_state)
         self.data_rng.set_state(_decode_state(ckpt.extra["data_rng"]))
         restore_rng(ckpt.rng_state)
+        self.ranks.seed_own_rng()
         self.step = ckpt.extra["step"]
         self.train_time = ckpt.extra["train_time"]
 
@@ -225,10 +243,12 @@ class Trainer:
         t = self.cfg.train
         tic = time.perf_counter()
         loss, extra, units, aux, num_layers = self._accumulate_gradients()
+        loss, extra = self.ranks.mean(loss, extra)  # over ranks: the global batch's
+        aux = self.ranks.total_loads(aux)
         if not math.isfinite(loss):  # stop before the update: the last checkpoint stays the last good state
             raise FloatingPointError(f"training loss is {loss} at step {self.step + 1}; lower train.lr?")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        grad_norm = self.ranks.reduce_and_clip_grads(self.model, params, t.grad_clip if t.grad_clip > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -237,7 +257,7 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - tic
         self.train_time += seconds
-        return StepStats(loss, extra, float(grad_norm), lr, units, seconds, aux, num_layers)
+        return StepStats(loss, extra, grad_norm, lr, units, seconds, aux, num_layers)
 
     def _accumulate_gradients(self) -> tuple[float, float, int, list[MoEAux], int]:
         """Forward and backward every micro-batch; returns mean loss, mean aux loss, units, all aux, MoE layers."""
@@ -246,14 +266,15 @@ class Trainer:
         loss_sum = aux_sum = torch.zeros((), device=self.device)
         units, aux = 0, []
         for _ in range(n):
-            x, y = (v.to(self.device) for v in self.task.train_batch(self.data_rng))
+            batch = self.task.train_batch(self.data_rng)  # the global batch: the same on every rank
+            units += self.task.units(batch)
+            x, y = (v.to(self.device) for v in self.ranks.my_rows(batch))  # this rank's share
             out = self.model(x)
             loss = self.task.loss(out, (x, y))
             extra = aux_loss(out.aux)
             ((loss if extra is None else loss + extra) / n).backward()
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum if extra is None else aux_sum + extra.detach()
-            units += self.task.units((x, y))
             aux += out.aux
         return (loss_sum / n).item(), (aux_sum / n).item(), units, aux, len(out.aux)
 
@@ -266,12 +287,13 @@ class Trainer:
     def fit(self) -> Summary:
         t = self.cfg.train
         start = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(run_config_to_dict(self.cfg), indent=1))
         metrics_path = self.out_dir / "metrics.jsonl"
-        _truncate_log(metrics_path, self.step)
+        if self.ranks.is_main:  # rank 0 alone writes the run directory
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(run_config_to_dict(self.cfg), indent=1))
+            _truncate_log(metrics_path, self.step)
         disable = None if self.progress is None else not self.progress  # None: only on a terminal
-        with JsonlLogger(metrics_path) as log, \
+        with self.ranks.metrics_log(metrics_path) as log, \
                 tqdm(total=t.steps, initial=self.step, disable=disable, desc=self.out_dir.name) as bar:
             if self.step == 0:
                 self._eval_and_log(log, start)
@@ -290,7 +312,8 @@ class Trainer:
         if self.last_eval is None:  # resumed a finished run
             self.evaluate()
         summary = self._summary(time.perf_counter() - start)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+        if self.ranks.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
         return summary
 
     def _log_step(self, log: JsonlLogger, bar: tqdm, stats: StepStats, rate: float) -> None:
@@ -298,10 +321,11 @@ class Trainer:
         maxvio = [max_violation(stats.layer_load(i)) for i in layers]
         record = {"step": self.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   f"{self.task.unit}_per_s": rate, "train_time": self.train_time}
-        if maxvio:  # per MoE layer; entropy of the last micro-batch
+        if maxvio:  # per MoE layer; entropy of the last micro-batch (mean over ranks)
+            entropy = [router_entropy(a.routing.probs_TE.detach()) for a in stats.aux[-len(layers):]]
             record.update(aux_loss=stats.aux_loss, maxvio=maxvio,
                           group_maxvio=[max_violation(stats.layer_load(i, "tokens_per_group_G")) for i in layers],
-                          entropy=[router_entropy(a.routing.probs_TE.detach()) for a in stats.aux[-len(layers):]],
+                          entropy=list(self.ranks.mean(*entropy)),
                           dropped=[int(stats.layer_load(i, "num_dropped")) for i in layers])
         log.log(record)
         postfix = {"loss": f"{stats.loss:.3f}", f"{self.task.unit[:3]}/s": f"{rate:,.0f}"}
@@ -319,8 +343,7 @@ class Trainer:
         log.log(record)
 
     def _summary(self, wall: float) -> Summary:
-        total, active = param_counts(self.model)
-        context = self.cfg.train.seq_len if isinstance(self.task, LMTask) else None
+        total, active = self.params
         tokens = self.step * self.cfg.train.grad_accum * self.cfg.train.batch_size
         if isinstance(self.task, LMTask):
             tokens *= self.cfg.train.seq_len
@@ -331,28 +354,33 @@ class Trainer:
         return Summary(
             out_dir=str(self.out_dir), steps=self.step, metrics=result.metrics,
             baseline_loss=self.task.baseline_loss, params_total=total, params_active=active,
-            flops_per_token=flops_per_token(self.model, context),
+            flops_per_token=self.flops,
             experts=expert_report(result.expert_counts, result.router_entropy), unit=self.task.unit,
             throughput=tokens / max(self.train_time, 1e-9), train_time_s=self.train_time, wall_time_s=wall,
             sample=sample,
         )
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None) -> Summary:
-    """Train ``cfg``; with ``resume``, continue from the newest checkpoint in ``train.out_dir`` if there is one."""
-    ckpt = None
-    path = latest_checkpoint(cfg.train.out_dir)
-    if path is not None and not resume:
-        raise ValueError(f"{cfg.train.out_dir} already holds checkpoints (latest {path.name}); continue that run "
-                         "with --resume (resume=True) or choose another output directory")
-    if path is not None:
-        ckpt = load_checkpoint(path)
-    tokenizer = None if ckpt is None or ckpt.extra.get("tokenizer") is None \
-        else tokenizer_from_record(ckpt.extra["tokenizer"])
-    trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress)
-    if ckpt is not None:
-        trainer.load(ckpt)
-    return trainer.fit()
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None,
+          expert_parallel: int | None = None) -> Summary:
+    """Train ``cfg``; with ``resume``, continue from the newest checkpoint in ``train.out_dir`` if there is one.
+
+    ``expert_parallel=W``: shard the experts over the W launched processes (torchrun, or a process
+    group the caller started); W must equal the world size. Rank 0 reads the checkpoint and sends it
+    to the others, so only rank 0 needs the run directory. Returns the summary on every rank.
+    """
+    with launch(expert_parallel, cfg, resolve_device(cfg.train.device)) as ranks:
+        path = ranks.from_main(lambda: latest_checkpoint(cfg.train.out_dir))
+        if path is not None and not resume:
+            raise ValueError(f"{cfg.train.out_dir} already holds checkpoints (latest {path.name}); continue that "
+                             "run with --resume (resume=True) or choose another output directory")
+        ckpt = None if path is None else ranks.from_main(lambda: load_checkpoint(path))
+        tokenizer = None if ckpt is None or ckpt.extra.get("tokenizer") is None \
+            else tokenizer_from_record(ckpt.extra["tokenizer"])
+        trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress, ranks=ranks)
+        if ckpt is not None:
+            trainer.load(ckpt)
+        return trainer.fit()
 
 
 def load_run(path: str | os.PathLike, overrides: Callable[[RunConfig], RunConfig] | None = None,

@@ -1,0 +1,245 @@
+"""What the trainer does differently on several ranks (expert parallelism), behind one small interface.
+
+``SingleProcess`` is the plain trainer: every hook is the identity or a no-op. ``ExpertParallel``
+is the same run spread over the W ranks of a process group:
+
+* every rank builds the same model (same seed) and keeps E/W experts (``apply_expert_parallel``);
+* ``train.batch_size`` is the GLOBAL batch: every rank draws it with the same generator and trains
+  on its contiguous share of ``batch_size / W`` rows, so W ranks train on exactly the rows one
+  process would, and the data generator (saved in checkpoints) is the same on every rank;
+* gradients: replicated ones averaged, expert shards scaled (``data_parallel_grads``), clipped by
+  the norm of the whole model; the loss and the expert loads are reduced over ranks before anything
+  reads them, so logs, the finite-loss check and the correction-bias update agree on every rank;
+* evaluation and the sample: every rank runs the same validation batches (the experts are spread
+  over the ranks, so all must take part); the metrics equal one process's;
+* rank 0 alone writes the run directory; the others wait at a barrier while it saves. Checkpoints
+  hold the gathered (unsharded) weights and optimizer state: they are single-process checkpoints
+  and resume on any W that divides E and the batch.
+
+``launch(expert_parallel, cfg)`` checks the world size, starts the process group if needed (with
+``train.dist_timeout_s``, so a dead or stalled peer is an error, not a hang) and yields the ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualroute.layer import MoEAux
+from dualroute.parallel import (apply_expert_parallel, clip_grad_norm_, data_parallel_grads, gather_expert_state,
+                                gather_optimizer_state, init_distributed, load_full_optimizer_state,
+                                load_full_state_dict)
+from dualroute.parallel.comm import check_same_on_all_ranks, collective_device
+from dualroute.train.checkpoint import latest_checkpoint
+from dualroute.train.metrics_log import JsonlLogger
+from dualroute.train.presets import RunConfig, run_config_to_dict
+
+T = TypeVar("T")
+Batch = tuple[torch.Tensor, ...]
+
+
+class SingleProcess:
+    """One process: the trainer as it always was."""
+
+    rank, world = 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        """This rank writes the run directory, logs and prints."""
+        return self.rank == 0
+
+    def check(self, cfg: RunConfig) -> None:
+        pass
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def seed_own_rng(self) -> None:
+        pass
+
+    def my_rows(self, batch: Batch) -> Batch:
+        return batch
+
+    def mean(self, *values: float) -> tuple[float, ...]:
+        return values
+
+    def total_loads(self, aux: list[MoEAux]) -> list[MoEAux]:
+        return aux
+
+    def reduce_and_clip_grads(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                        optimizer_state: dict) -> None:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+
+    def metrics_log(self, path: Path) -> JsonlLogger | _NoLog:
+        return JsonlLogger(path)
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` computed by rank 0, on every rank."""
+        return fn()
+
+    def barrier(self) -> None:
+        pass
+
+
+class ExpertParallel(SingleProcess):
+    """This rank of the default process group; the experts are sharded over all of it."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = collective_device(None)
+
+    def check(self, cfg: RunConfig) -> None:
+        """Every rank must train the same config; the global batch must split evenly. Raises on every rank."""
+        text = json.dumps(run_config_to_dict(cfg), sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        check_same_on_all_ranks("the run config (hash of its JSON; start every rank with the same preset, "
+                                "overrides and config file)", digest, None)
+        if cfg.train.batch_size % self.world:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) cannot be split evenly "
+                             f"over world={self.world} ranks")
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return apply_expert_parallel(model, world_size=self.world)
+
+    def seed_own_rng(self) -> None:
+        """Ranks > 0 leave the shared torch RNG stream (derived from it and the rank), so dropout masks
+        and router noise differ between ranks. Rank 0 keeps the stream checkpoints save."""
+        if self.rank > 0:
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+
+    def my_rows(self, batch: Batch) -> Batch:
+        rows = batch[0].shape[0] // self.world
+        return tuple(v[self.rank * rows : (self.rank + 1) * rows] for v in batch)
+
+    def mean(self, *values: float) -> tuple[float, ...]:
+        """Means over ranks (equal shares of the batch: the global batch's value)."""
+        flat = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(flat)
+        return tuple((flat / self.world).tolist())
+
+    def total_loads(self, aux: list[MoEAux]) -> list[MoEAux]:
+        """The aux results with loads and drops summed over ranks (the global batch's); routing stays local."""
+        if not aux:
+            return aux
+        parts = [[a.tokens_per_expert_E, a.tokens_per_group_G, a.dropped_per_expert_E, a.num_dropped.view(1)]
+                 for a in aux]
+        flat = torch.cat([t.to(self.device, torch.int64) for p in parts for t in p])
+        dist.all_reduce(flat)
+        out, offset = [], 0
+        for a, p in zip(aux, parts):
+            E, G = p[0].numel(), p[1].numel()
+            loads = flat[offset : offset + 2 * E + G + 1].to(a.tokens_per_expert_E.device)
+            out.append(replace(a, tokens_per_expert_E=loads[:E], tokens_per_group_G=loads[E : E + G],
+                               dropped_per_expert_E=loads[E + G : 2 * E + G], num_dropped=loads[-1]))
+            offset += 2 * E + G + 1
+        return out
+
+    def reduce_and_clip_grads(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> float:
+        data_parallel_grads(model)
+        return float(clip_grad_norm_(model, max_norm))
+
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """The unsharded model's and optimizer's state dicts (collectives: every rank calls it)."""
+        return gather_expert_state(model), gather_optimizer_state(model, optimizer)
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                        optimizer_state: dict) -> None:
+        load_full_state_dict(model, model_state)
+        load_full_optimizer_state(model, optimizer, optimizer_state)
+
+    def metrics_log(self, path: Path) -> JsonlLogger | _NoLog:
+        return JsonlLogger(path) if self.is_main else _NoLog()
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """Rank 0 computes ``fn()`` and sends it (or the exception it raised) to every rank."""
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box = [(True, fn())]
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                box = [(False, e)]
+        dist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def barrier(self) -> None:
+        dist.barrier()  # bounded by the process group's timeout
+
+
+class _NoLog:
+    """The metrics log of ranks > 0: nothing is written."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> _NoLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------- launch
+
+
+def launched_world() -> int:
+    """Processes in this run: the initialised process group's size, else torchrun's ``WORLD_SIZE``, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) -> Iterator[SingleProcess]:
+    """The ranks of this run; ``expert_parallel`` (None = 1) must equal the launched world size.
+
+    Under torchrun (``WORLD_SIZE`` > 1, no process group yet) the group is started here with
+    ``train.dist_timeout_s`` and torn down after a normal exit; a group started by the caller (e.g.
+    ``run_workers``) is used as it is. A RuntimeError on several ranks (a collective failed: a peer
+    died or stalled) is re-raised naming this rank and the run directory's last checkpoint.
+    """
+    wanted = 1 if expert_parallel is None else expert_parallel
+    if wanted < 1:
+        raise ValueError(f"--expert-parallel must be >= 1, got {wanted}")
+    world = launched_world()
+    if wanted != world:
+        raise ValueError(f"--expert-parallel {wanted}{' (not given)' if expert_parallel is None else ''} must equal "
+                         f"the number of launched processes, WORLD_SIZE={world}: launch "
+                         f"`torchrun --nproc-per-node N -m dualroute train ... --expert-parallel N` with one N")
+    if world == 1:
+        yield SingleProcess()
+        return
+    started_here = not dist.is_initialized()
+    if started_here:
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.train.dist_timeout_s)
+    ranks = ExpertParallel()
+    try:
+        yield ranks
+    except RuntimeError as e:
+        last = latest_checkpoint(cfg.train.out_dir) if ranks.is_main else None
+        where = f"{last} (intact)" if last is not None else f"the checkpoints in {cfg.train.out_dir} (intact)"
+        raise RuntimeError(f"rank {ranks.rank} of {ranks.world} stopped: {e} -- if another rank died or stalled, "
+                           f"every rank stops within train.dist_timeout_s; continue from {where} with --resume") from e
+    ranks.barrier()  # train() returns on every rank once the run directory is complete
+    if started_here:
+        dist.destroy_process_group()
