@@ -248,13 +248,16 @@ def _top_groups(group_scores_TG: torch.Tensor, group_bias_G: torch.Tensor | None
 
 def _check_finite(logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None) -> None:
     # A NaN logit makes topk return arbitrary experts; stop here with a clear message.
-    # This is one host sync per layer; set check_finite=False to skip it.
-    bad = ~torch.isfinite(logits_TE).all()
+    # One reduction and one host sync per layer (set check_finite=False to skip it): a sum is
+    # NaN or Inf exactly when some term is (finite float32 logits cannot overflow it in practice),
+    # and it is several times cheaper than isfinite().all() on small inputs.
+    total = logits_TE.sum()
     if group_logits_TG is not None:
-        bad = bad | ~torch.isfinite(group_logits_TG).all()
+        total = total + group_logits_TG.sum()
+    ok = torch.isfinite(total)
     if torch.compiler.is_compiling():
-        torch._assert_async(~bad, "dualroute: router logits contain NaN or Inf")
-    elif bool(bad):
+        torch._assert_async(ok, "dualroute: router logits contain NaN or Inf")
+    elif not bool(ok):
         raise ValueError(
             "router logits contain NaN or Inf (check the layer input and the router weights for "
             "non-finite values)"
