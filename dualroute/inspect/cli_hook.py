@@ -8,10 +8,9 @@ be written) or bad arguments. Set ``DUALROUTE_TRACEBACK=1`` to get the traceback
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-_EXPECTED = (ValueError, TypeError, OSError, ImportError)
+from ..cli_support import run_command
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,17 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def inspect_main(argv: list[str]) -> int:
-    try:
-        args = build_parser().parse_args(list(argv))
-    except SystemExit as e:  # --help, or a usage error argparse has printed
-        return e.code if isinstance(e.code, int) else 0
-    try:
-        return _inspect(args)
-    except _EXPECTED as e:
-        if os.environ.get("DUALROUTE_TRACEBACK"):
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv, _inspect)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-_EXPECTED = (ValueError, TypeError, OSError, ImportError)
+from ..cli_support import run_command
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -124,14 +123,4 @@ def _special_ids(folder: Path, config: dict) -> tuple[int | list[int] | None, in
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str], command) -> int:
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as e:  # --help or a usage error (argparse printed it)
-        return e.code if isinstance(e.code, int) else 0
-    try:
-        return command(args)
-    except _EXPECTED as e:
-        if os.environ.get("DUALROUTE_TRACEBACK"):
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
+    return run_command(parser, argv, command)
