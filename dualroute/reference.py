@@ -59,14 +59,13 @@ def reference_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """``y = sum_e c[t, e] * f_e(x_t)`` with every expert run on every token (dense masks)."""
     x_TD = x.reshape(-1, layer.cfg.dim)
     c_TE, _ = reference_routing(layer, x_TD)
-    y_TD = 0
+    out_dim = layer.experts.cfg.output_dim
+    y_TD = x_TD.new_zeros(x_TD.shape[0], out_dim)
     for e in range(layer.cfg.num_experts):
         y_TD = y_TD + c_TE[:, e : e + 1].to(x.dtype) * layer.experts.forward_one(e, x_TD)
     if layer.shared is not None:
         y_TD = y_TD + layer.shared(x_TD)
-    if not torch.is_tensor(y_TD):  # no experts ran (cannot happen with E >= 1); keep types honest
-        raise RuntimeError("reference produced no output")
-    return y_TD.reshape(*x.shape[:-1], -1)
+    return y_TD.reshape(*x.shape[:-1], out_dim)
 
 
 def _learned_group_probs(router, x_D: torch.Tensor) -> torch.Tensor:
