@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .balance import BalanceConfig, aux_losses, weighted_total

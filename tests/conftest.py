@@ -12,6 +12,16 @@ import torch
 from dualroute.layer import MoEConfig, MoELayer
 from dualroute.routing import RouterOptions
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread and restore the count afterwards. Tiny models gain nothing
+    from a second thread, and on a busy shared machine waiting OpenMP threads make small ops slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (atol, rtol) by dtype: float64 is compared almost bit for bit, float32 to rounding.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)}
 

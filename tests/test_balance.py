@@ -121,8 +121,7 @@ def skewed_derived_layer():
     return layer
 
 
-def test_bias_updates_move_both_levels_toward_balance():
-    torch.set_num_threads(1)
+def test_bias_updates_move_both_levels_toward_balance(one_thread):
     layer = skewed_derived_layer()
     held_out = random_input(256, D, seed=5).detach()
 
@@ -285,8 +284,7 @@ def reference_with_capacity(layer, x_TD, capacity, group_capacity):
 
 
 @pytest.mark.parametrize("factor,group_factor", [(None, 0.5), (0.5, 1.0), (0.75, 0.75)])
-def test_group_and_expert_capacity(factor, group_factor):
-    torch.set_num_threads(1)
+def test_group_and_expert_capacity(factor, group_factor, one_thread):
     T, E, G, K = 12, 8, 4, 2
     layer = make_layer(num_experts=E, experts_per_token=K, num_groups=G, groups_per_token=2, router=LEARNED,
                        capacity_factor=factor, group_capacity_factor=group_factor).train()

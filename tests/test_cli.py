@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dualroute.cli import main, split_overrides
 
@@ -15,21 +14,13 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_le
         "train.batch_size=4", "train.eval_batches=2", "train.warmup_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a busy machine makes waiting OpenMP threads slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     assert main(["train", "lm-dual", "--out", str(out), "--quiet", "train.steps=2", *TINY]) == 0
-    torch.set_num_threads(threads)
     return out
 
 

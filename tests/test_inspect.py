@@ -39,12 +39,7 @@ TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hid
            "train.log_every=1", "train.warmup_steps=1", "train.steps=3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a busy machine makes waiting OpenMP threads slow
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ hand-set routing, one layer
@@ -187,14 +182,12 @@ def _train(out: Path, preset: str, tiny: list[str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def digits_ckpt(tmp_path_factory, one_thread) -> Path:
     return _train(tmp_path_factory.mktemp("digits"), "digits-dual", TINY_DIGITS)
 
 
 @pytest.fixture(scope="module")
-def lm_ckpt(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def lm_ckpt(tmp_path_factory, one_thread) -> Path:
     return _train(tmp_path_factory.mktemp("lm"), "lm-dual", TINY_LM)
 
 
@@ -211,7 +204,6 @@ def digits_out(digits_ckpt, tmp_path_factory) -> tuple[Path, str]:
     (out / "mine.png").write_bytes(b"not ours")
     (out / "report.md.bak").write_text("mine too")
     argv = [str(digits_ckpt), "--compare", str(digits_ckpt), "--batches", "2", "--out", str(out)]
-    torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         assert inspect_main(argv) == 0
     return out, stdout.getvalue()

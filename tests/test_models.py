@@ -14,14 +14,7 @@ from dualroute.models import (ImageConfig, KVCache, LMConfig, ModelOutput, Trans
                               dense_twin, flops_per_token, param_counts)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core box oversubscribed threads make
-    # each step ~20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moe_cfg(dim: int, **kw) -> MoEConfig:

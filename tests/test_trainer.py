@@ -27,14 +27,7 @@ TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hid
            "train.warmup_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads that wait
-    # for a core make every small op slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:

@@ -240,8 +240,7 @@ def test_expert_choice_train_and_eval_capacity():
     assert layer.train()(x)[1].tokens_per_expert_E.tolist() == [4] * 4  # train: ceil(2 * 8 / 4)
 
 
-def test_expert_choice_is_not_causal_token_choice_is():
-    torch.set_num_threads(1)
+def test_expert_choice_is_not_causal_token_choice_is(one_thread):
     x = random_input(8, 6).detach()
     later = x.clone()
     later[-1] = 20 * x[0]  # a future token that every expert scoring like token 0 now prefers

@@ -118,15 +118,23 @@ def _parse(text: str, tp: Any) -> Any:
 def _parse_union(text: str, arms: tuple[Any, ...]) -> Any:
     if types.NoneType in arms and text.strip().lower() in _NONE:
         return None
+    value, errors = _first_arm(text, arms, _parse)
+    if errors is None:
+        return value
+    raise ValueError("; ".join(errors))
+
+
+def _first_arm(value: Any, arms: tuple[Any, ...], convert: Any) -> tuple[Any, list[str] | None]:
+    """``convert(value, arm)`` for the first non-None arm that accepts it; else the arms' errors."""
     errors = []
     for arm in arms:
         if arm is types.NoneType:
             continue
         try:
-            return _parse(text, arm)
+            return convert(value, arm), None
         except (ValueError, TypeError) as e:
             errors.append(f"{_type_name(arm)}: {e}")
-    raise ValueError("; ".join(errors))
+    return None, errors
 
 
 # ------------------------------------------------------------------------------ checking typed values
@@ -171,14 +179,9 @@ def _check(value: Any, tp: Any) -> Any:
 def _check_union(value: Any, arms: tuple[Any, ...]) -> Any:
     if value is None and types.NoneType in arms:
         return None
-    errors = []
-    for arm in arms:
-        if arm is types.NoneType:
-            continue
-        try:
-            return _check(value, arm)
-        except (ValueError, TypeError) as e:
-            errors.append(f"{_type_name(arm)}: {e}")
+    checked, errors = _first_arm(value, arms, _check)
+    if errors is None:
+        return checked
     # TOML has no null: accept the strings "none"/"null" for an optional field
     if types.NoneType in arms and isinstance(value, str) and value.lower() in _NONE:
         return None
