@@ -165,15 +165,19 @@ class MoELayer(nn.Module):
             x_ND = x_ND[: plan.num_rows - int(plan.dropped_E.sum())]
         y_ND = self.experts(x_ND, plan.counts_E)
         y_TD = combine(y_ND, routing.weights_TK, plan)
-        return y_TD, self.make_aux(routing, plan.dropped_E, mask_T)
+        load_E = plan.counts_E + plan.dropped_E if mask_T is None else None  # the plan already counted
+        return y_TD, self.make_aux(routing, plan.dropped_E, mask_T, load_E)
 
-    def make_aux(self, routing: Routing, dropped_E: torch.Tensor, mask_T: torch.Tensor | None) -> MoEAux:
+    def make_aux(self, routing: Routing, dropped_E: torch.Tensor, mask_T: torch.Tensor | None,
+                 tokens_per_expert_E: torch.Tensor | None = None) -> MoEAux:
         """The aux result of a token-choice routing: loads per level (padding excluded) and losses."""
         cfg = self.cfg
+        if tokens_per_expert_E is None:
+            tokens_per_expert_E = _bincount(routing.expert_ids_TK, cfg.num_experts, mask_T)
         values = aux_losses(routing, cfg.balance, mask_T)
         return MoEAux(
             routing=routing,
-            tokens_per_expert_E=_bincount(routing.expert_ids_TK, cfg.num_experts, mask_T),
+            tokens_per_expert_E=tokens_per_expert_E,
             tokens_per_group_G=_bincount(routing.group_ids_TJ, cfg.num_groups, mask_T),
             dropped_per_expert_E=dropped_E,
             num_dropped=dropped_E.sum(),
