@@ -214,8 +214,13 @@ def run_lm(argv: list[str]) -> int:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=256")
     args = p.parse_args(argv)
+    for name in ("repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     names = [n for n in args.presets.split(",") if n]
+    if not names:
+        p.error("--presets names no preset")
     configs = {n: override(get_preset(n), args.overrides) for n in names}
     first = next(iter(configs.values())).train
     gen = torch.Generator().manual_seed(0)
