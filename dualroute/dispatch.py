@@ -3,10 +3,10 @@
 Shapes: T tokens, K experts per token, N = T*K routed rows, D model dim, E experts.
 
 ``plan_dispatch`` sorts the flat ``(token, slot)`` rows by expert once. ``dispatch`` gathers
-token rows into that order; ``combine`` puts expert outputs back in ``(token, slot)`` order
-and sums the K slots with their routing weights. Both are gathers whose backward is the
-opposite gather (a row permutation is undone by its inverse), so neither direction needs a
-scatter-add.
+token rows into that order; ``combine`` sums each token's K expert outputs with their routing
+weights. Every step in either direction is a gather: the weighted sum reads the K rows of a
+token through the inverse permutation (one ``embedding_bag``), and its backward reads
+``grad_out`` by token; no scatter-add is needed.
 
 With a capacity, each expert (and/or each group of experts) keeps at most C rows, highest
 routing weight first; the dropped rows are sorted to the end, are never computed, and
@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -106,44 +107,55 @@ def _rank_within(units_N: torch.Tensor, weights_N: torch.Tensor, num_units: int)
 
 
 class _GatherTokens(torch.autograd.Function):
-    """x_TD -> x_ND (each token K times, in sorted order). Backward: gather back, sum K slots."""
+    """x_TD -> x_ND (each token K times, in sorted order). Backward: sum each token's K rows."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_N, inverse_N, top_k):
-        ctx.save_for_backward(inverse_N)
-        ctx.shape = (x_TD.shape[0], top_k, x_TD.shape[1])
+    def forward(ctx, x_TD, token_N, inverse_TK):
+        ctx.save_for_backward(inverse_TK)
         return x_TD.index_select(0, token_N)
 
     @staticmethod
     def backward(ctx, grad_ND):
-        (inverse_N,) = ctx.saved_tensors
-        grad_TD = grad_ND.index_select(0, inverse_N).view(ctx.shape).sum(1)
-        return grad_TD, None, None, None
+        (inverse_TK,) = ctx.saved_tensors
+        # embedding_bag sums the K rows of each token in one pass (no (T, K, D) temporary).
+        return F.embedding_bag(inverse_TK, grad_ND.contiguous(), mode="sum"), None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """y[i] = x[index[i]] for a permutation; backward gathers with the inverse permutation."""
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum_k w[t, k] * y[inverse[t, k]]`` as one weighted embedding-bag sum.
+
+    Backward, in sorted-row order: ``grad_y[n] = w[n] * grad_out[token(n)]`` and
+    ``grad_w[n] = <grad_out[token(n)], y[n]>`` (then back to ``(t, k)`` order).
+    """
 
     @staticmethod
-    def forward(ctx, x_ND, index_N, inverse_N):
-        ctx.save_for_backward(inverse_N)
-        return x_ND.index_select(0, index_N)
+    def forward(ctx, y_ND, w_TK, inverse_TK, token_N, order_N):
+        ctx.save_for_backward(y_ND, w_TK, inverse_TK, token_N, order_N)
+        return F.embedding_bag(inverse_TK, y_ND, per_sample_weights=w_TK, mode="sum")
 
     @staticmethod
-    def backward(ctx, grad_ND):
-        (inverse_N,) = ctx.saved_tensors
-        return grad_ND.index_select(0, inverse_N), None, None
+    def backward(ctx, grad_TD):
+        y_ND, w_TK, inverse_TK, token_N, order_N = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        g_ND = grad_TD.index_select(0, token_N)
+        grad_y = grad_w = None
+        if need_y:
+            grad_y = g_ND * w_TK.reshape(-1).index_select(0, order_N).unsqueeze(1)
+        if need_w:
+            grad_w_N = torch.linalg.vecdot(g_ND, y_ND)
+            grad_w = grad_w_N.index_select(0, inverse_TK.reshape(-1)).view(w_TK.shape)
+        return grad_y, grad_w, None, None, None
 
 
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Token rows in expert order, ``(N, D)``. Dropped rows are included (at the end)."""
-    return _GatherTokens.apply(x_TD, plan.token_N, plan.inverse_N, plan.top_k)
+    return _GatherTokens.apply(x_TD, plan.token_N, plan.inverse_N.view(plan.num_tokens, plan.top_k))
 
 
 def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """``out[t] = sum_k weights[t, k] * y[row of (t, k)]``; rows past ``y_ND`` (dropped) count as 0."""
-    N, T, K = plan.num_rows, plan.num_tokens, plan.top_k
+    N = plan.num_rows
     if y_ND.shape[0] < N:  # dropped rows were not computed
         y_ND = torch.cat([y_ND, y_ND.new_zeros(N - y_ND.shape[0], y_ND.shape[1])])
-    y_TKD = _PermuteRows.apply(y_ND, plan.inverse_N, plan.order_N).view(T, K, y_ND.shape[-1])
-    return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
+    inverse_TK = plan.inverse_N.view(plan.num_tokens, plan.top_k)
+    return _Combine.apply(y_ND, weights_TK.to(y_ND.dtype), inverse_TK, plan.token_N, plan.order_N)

@@ -156,15 +156,24 @@ class Router(nn.Module):
             x_TD = x_TD.to(routing_dtype(x_TD.dtype))
             if self.training and opt.jitter_eps > 0:
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opt.jitter_eps, 1 + opt.jitter_eps)
-            logits_TE = _router_linear(x_TD, self.gate)
+            logits_TE, group_logits_TG = self._logits(x_TD)
             if self.noise is not None and self.training:
                 logits_TE = logits_TE + torch.randn_like(logits_TE) * F.softplus(_router_linear(x_TD, self.noise))
-            group_logits_TG = _router_linear(x_TD, self.group_gate) if self.group_gate is not None else None
             if opt.check_finite:
                 _check_finite(logits_TE, group_logits_TG)
             if opt.group_router == "learned":
                 return self._route_learned(logits_TE, group_logits_TG)
             return self._route_derived(logits_TE)
+
+    def _logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.group_gate is None:
+            return _router_linear(x_TD, self.gate), None
+        # Both levels in one matmul (and one in backward for each of x and W): at small widths the
+        # per-call cost of a (T, D) x (D, E) product is comparable to its arithmetic.
+        weight = torch.cat([self.gate.weight, self.group_gate.weight]).to(x_TD.dtype)
+        bias = None if self.gate.bias is None else torch.cat([self.gate.bias, self.group_gate.bias]).to(x_TD.dtype)
+        logits_TX = F.linear(x_TD, weight, bias)
+        return logits_TX[:, : self.cfg.num_experts], logits_TX[:, self.cfg.num_experts :]
 
     def _route_learned(self, logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None) -> Routing:
         cfg = self.cfg
