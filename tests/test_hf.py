@@ -306,11 +306,68 @@ def test_generate_stops_at_eos_like_transformers(tmp_path):
 def test_bench_hf_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_hf.main(["--tokens", "1,5", "--dim", "16", "--hidden", "8", "--experts", "4", "--budget", "0.01",
-                          "--json", str(out)]) == 0
+                          "--peak-size", "256", "--json", str(out)]) == 0
     assert "dualroute" in capsys.readouterr().out
     records = json.loads(out.read_text())["records"]
     assert {r["contender"] for r in records} == {"hf-eager", "hf-batched_mm", "hf-grouped_mm", "dualroute"}
     assert all(r["max_abs_diff_vs_dualroute"] < 1e-5 for r in records if r["median_ms"] is not None)
+
+
+TINY_BENCH = ["--dim", "16", "--hidden", "32", "--budget", "0.05", "--peak-size", "256"]
+
+
+def test_bench_hf_roofline(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_hf.main(["--tokens", "1,4", *TINY_BENCH, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "hf-grouped_mm % of peak" in printed and "max possible speedup over hf-grouped_mm" in printed
+    assert "Fastest possible forward+backward" in printed and "matmul share" not in printed  # --profile is off
+    result = json.loads(out.read_text())
+    peak = result["peak_gflops"]
+    assert peak > 0 and peak == max(result["peak_gflops_before"], result["peak_gflops_after"])
+    timed = [r for r in result["records"] if r["median_ms"] is not None]
+    assert len(timed) == 2 * 2 * 4  # T values x modes x contenders, none skipped at this size
+    for r in timed:
+        assert r["expert_gflop"] == bench_hf.moe_flops(r["T"], 16, 32, 8, 2, r["mode"]) / 1e9
+        assert r["gflops"] > 0 and r["peak_fraction"] > 0
+        assert r["gflops"] == pytest.approx(r["expert_gflop"] / (r["median_ms"] / 1e3))
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / peak)
+        assert r["matmul_share"] is None
+
+
+def test_bench_hf_profile_reports_matmul_share(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_hf.main(["--tokens", "8", *TINY_BENCH, "--profile", "--json", str(out)]) == 0
+    assert "dualroute matmul share" in capsys.readouterr().out
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 2 * 4
+    assert all(0 < r["matmul_share"] <= 1 for r in records)
+
+
+def test_bench_hf_moe_flops_hand_count():
+    # T=2, D=3, F=5, E=4, K=2: router 2*2*3*4 = 48; experts 2 * (2*2 rows) * 3 matmuls * 3*5 = 360
+    assert bench_hf.moe_flops(2, 3, 5, 4, 2, "forward") == 408
+    assert bench_hf.moe_flops(2, 3, 5, 4, 2, "forward+backward") == 3 * 408
+    assert bench_hf.moe_flops(1, 1, 1, 1, 1, "forward") == 2 + 6
+    with pytest.raises(ValueError, match="mode must be one of"):
+        bench_hf.moe_flops(2, 3, 5, 4, 2, "backward")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0"], "--budget must be finite and > 0 seconds, got 0.0"),
+    (["--budget", "-1"], "--budget must be finite and > 0 seconds, got -1.0"),
+    (["--budget", "nan"], "--budget must be finite and > 0 seconds, got nan"),
+    (["--tokens", "1,x"], "expected comma-separated integers, got '1,x'"),
+    (["--tokens", "0,4"], "--tokens must list integers >= 1, got [0, 4]"),
+    (["--top-k", "3", "--experts", "2"], "--top-k must be <= --experts (2), got 3"),
+    (["--peak-size", "0"], "--peak-size must be >= 1, got 0"),
+    (["--batched-mm-max-gib", "-1"], "--batched-mm-max-gib must be >= 0, got -1.0"),
+])
+def test_bench_hf_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_hf.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -9,6 +9,13 @@ row: fast for a handful of tokens, memory ``T*K*3*D*F`` floats) and ``grouped_mm
 run on CPU. Every available one is timed, alternating with dualroute's ``MoELayer`` (in the drop-in
 adapter) round-robin in one process; the table shows medians and ``hf / dualroute`` ratios
 (> 1: dualroute is faster).
+
+Roofline evidence: the process also times a large float32 square matmul at the same thread count (before
+and after the contenders; the larger is the machine's peak). A second table gives each contender's
+achieved GFLOP/s on the block's useful matmul FLOPs (``moe_flops``) and its fraction of that peak, and
+the least time any implementation could take at the peak, i.e. the largest speedup over
+``hf-grouped_mm`` this machine allows. ``--profile`` adds each contender's share of self CPU time in
+matmul kernels (torch.profiler).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -25,25 +33,47 @@ import torch
 from .swap import require_transformers
 
 _IMPLS = ("eager", "batched_mm", "grouped_mm")
+_MODES = ("forward", "forward+backward")
+_BASELINE = "hf-grouped_mm"  # transformers' default experts implementation
+_PEAK_RUNS = 5  # timed runs of the peak matmul, after one warm-up; the median counts
+_PROFILE_STEPS = 3  # steps under torch.profiler per contender and (T, mode), with --profile
+_MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm")  # whose self CPU time is the matmul share
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     transformers = require_transformers()
     torch.manual_seed(args.seed)
     contenders = _contenders(args)
+    names = list(contenders)
+    peak_before = measure_peak_gflops(args.peak_size)
     header = (f"dualroute bench hf: Mixtral-like MoE block D={args.dim} F={args.hidden} E={args.experts} "
               f"K={args.top_k} float32, cpu, {torch.get_num_threads()} threads, transformers "
-              f"{transformers.__version__}, torch {torch.__version__}")
+              f"{transformers.__version__}, torch {torch.__version__}, matmul peak {peak_before:.1f} GFLOP/s "
+              f"({args.peak_size}x{args.peak_size} float32, median of {_PEAK_RUNS})")
     print(header, flush=True)
     records = []
     for T in args.tokens:
-        for mode in ("forward", "forward+backward"):
+        for mode in _MODES:
             records += _measure(contenders, T, mode, args)
+    peak_after = measure_peak_gflops(args.peak_size)
+    peak = max(peak_before, peak_after)
+    add_roofline(records, peak)
     print()
-    print(format_table(records, list(contenders)))
+    print(format_table(records, names))
+    print(f"\nMatmul peak {peak_before:.1f} GFLOP/s before the timing, {peak_after:.1f} after; "
+          f"the roofline uses the larger, {peak:.1f} GFLOP/s.\n")
+    print(format_roofline_table(records, names, peak))
+    print()
+    print(format_bounds(records, peak))
+    if args.profile:
+        print()
+        print(format_profile_table(records, names))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "records": records}, indent=1))
+        result = {"header": header, "peak_gflops": peak, "peak_gflops_before": peak_before,
+                  "peak_gflops_after": peak_after, "peak_matmul_size": args.peak_size,
+                  "threads": torch.get_num_threads(), "records": records}
+        Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"\nwrote {args.json}")
     return 0
 
@@ -58,13 +88,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=4.0, help="seconds of timing per (T, mode), all contenders")
     p.add_argument("--batched-mm-max-gib", type=float, default=1.0,
                    help="skip batched_mm where its gathered weights would exceed this")
+    p.add_argument("--peak-size", type=int, default=2048,
+                   help="N of the N x N @ N x N float32 matmul timed as the machine's peak")
+    p.add_argument("--profile", action="store_true",
+                   help=f"also run {_PROFILE_STEPS} steps per contender under torch.profiler and report the "
+                        "matmul share of self CPU time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurements here")
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if not args.tokens or min(args.tokens) < 1:
+        p.error(f"--tokens must list integers >= 1, got {args.tokens}")
+    for name in ("dim", "hidden", "experts", "top_k", "peak_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.top_k > args.experts:
+        p.error(f"--top-k must be <= --experts ({args.experts}), got {args.top_k}")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        p.error(f"--budget must be finite and > 0 seconds, got {args.budget}")
+    if math.isnan(args.batched_mm_max_gib) or args.batched_mm_max_gib < 0:
+        p.error(f"--batched-mm-max-gib must be >= 0, got {args.batched_mm_max_gib}")
+    return args
+
+
 def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def moe_flops(T: int, D: int, F: int, E: int, K: int, mode: str) -> int:
+    """Useful matmul FLOPs of one Mixtral-style MoE block step (a multiply-add counts 2).
+
+    Counted, forward: the router ``x_TD @ W_DE`` (2*T*D*E) and, for each of the T*K routed rows, the
+    swiglu expert's three matmuls gate and up (D -> F) and down (F -> D): 2*T*K*3*D*F. Backward
+    (``forward+backward``) adds, for every one of these matmuls, the input gradient and the weight gradient,
+    each as many FLOPs as the forward matmul: 3x the forward in all. Not counted: softmax / top-k,
+    silu and the gating product, the routing-weight scaling and the combine (O(T*K*F) or less), and any
+    work an implementation does beyond this (batched_mm's weight gather, padding, dense experts).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    forward = 2 * T * D * E + 2 * T * K * 3 * D * F
+    return forward if mode == "forward" else 3 * forward
+
+
+def measure_peak_gflops(n: int, runs: int = _PEAK_RUNS) -> float:
+    """GFLOP/s of an ``n x n @ n x n`` float32 matmul at the current thread count: median of ``runs``
+    after one warm-up, into a preallocated output."""
+    gen = torch.Generator().manual_seed(0)
+    a_NN = torch.randn(n, n, generator=gen)
+    b_NN = torch.randn(n, n, generator=gen)
+    out_NN = torch.empty(n, n)
+    torch.mm(a_NN, b_NN, out=out_NN)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a_NN, b_NN, out=out_NN)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def _contenders(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
@@ -108,6 +195,8 @@ def _measure(contenders: dict, T: int, mode: str, args: argparse.Namespace) -> l
     for _ in range(reps - 1):
         for n in names:  # round-robin, so drifts in machine load hit every contender alike
             times[n].append(_timed(contenders[n], x, grad, mode))
+    shares = {n: matmul_share(contenders[n], x, grad, mode) for n in names} if args.profile else {}
+    gflop = moe_flops(T, args.dim, args.hidden, args.experts, args.top_k, mode) / 1e9
     records = []
     for n in contenders:
         skipped = n not in names
@@ -115,6 +204,7 @@ def _measure(contenders: dict, T: int, mode: str, args: argparse.Namespace) -> l
                         "median_ms": None if skipped else 1e3 * statistics.median(times[n]),
                         "max_abs_diff_vs_dualroute": None if skipped else
                         float((outputs[n] - reference).abs().max()),
+                        "expert_gflop": gflop, "matmul_share": shares.get(n),
                         "note": f"skipped: gathers {gathered_gib:.1f} GiB of weights" if skipped else ""})
     print(f"T={T:5d} {mode:17s} " + "  ".join(
         f"{r['contender']} {r['median_ms']:.2f} ms" if r["median_ms"] is not None else f"{r['contender']} skipped"
@@ -144,6 +234,40 @@ def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: st
     return time.perf_counter() - start
 
 
+def matmul_share(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str,
+                 steps: int = _PROFILE_STEPS) -> float:
+    """Fraction of self CPU time in ``_MATMUL_OPS`` over ``steps`` steps under torch.profiler.
+
+    Self time, so wrappers (aten::linear, aten::matmul, and aten::_grouped_mm, which on CPU runs one
+    aten::mm per expert group) count only their own overhead, outside the share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            _step(block, x, grad, mode)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in _MATMUL_OPS)
+    return matmul / total if total > 0 else 0.0
+
+
+def add_roofline(records: list[dict], peak_gflops: float) -> None:
+    """Add ``gflops`` (expert_gflop / median seconds) and ``peak_fraction`` (gflops / peak) to every
+    timed record; None for skipped ones."""
+    for r in records:
+        timed = r["median_ms"] is not None
+        r["gflops"] = r["expert_gflop"] / (r["median_ms"] / 1e3) if timed else None
+        r["peak_fraction"] = r["gflops"] / peak_gflops if timed else None
+
+
+def _rows(records: list[dict]) -> dict[tuple[int, str], dict[str, dict]]:
+    """(T, mode) -> contender -> record, in the records' order."""
+    rows: dict[tuple[int, str], dict[str, dict]] = {}
+    for r in records:
+        rows.setdefault((r["T"], r["mode"]), {})[r["contender"]] = r
+    return rows
+
+
 def format_table(records: list[dict], names: list[str]) -> str:
     hf = [n for n in names if n != "dualroute"]
     head = ["T", "mode", *[f"{n} ms" for n in names], *[f"{n} / dualroute" for n in hf]]
@@ -157,4 +281,56 @@ def format_table(records: list[dict], names: list[str]) -> str:
         cells += ["-" if ms[n] is None else f"{ms[n] / ours:.2f}x" for n in hf]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("\nMedians over round-robin repetitions in one process; ratio > 1: dualroute is faster.")
+    return "\n".join(lines)
+
+
+def format_roofline_table(records: list[dict], names: list[str], peak_gflops: float) -> str:
+    head = ["T", "mode", "GFLOP", *[f"{n} {unit}" for n in names for unit in ("GFLOP/s", "% of peak")],
+            "ms at peak", f"max possible speedup over {_BASELINE}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (T, mode), by_name in _rows(records).items():
+        gflop = next(iter(by_name.values()))["expert_gflop"]
+        cells = [str(T), mode, f"{gflop:.4g}"]
+        for n in names:
+            r = by_name[n]
+            cells += ["skipped", "-"] if r["gflops"] is None else [f"{r['gflops']:.4g}",
+                                                                   f"{100 * r['peak_fraction']:.1f}%"]
+        base = by_name.get(_BASELINE)
+        cells += [f"{1e3 * gflop / peak_gflops:.3g}",
+                  "-" if base is None or base["peak_fraction"] is None else f"{1 / base['peak_fraction']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nGFLOP: useful matmul FLOPs of the step (router + T*K routed rows x 3 swiglu matmuls; "
+                 f"forward+backward = 3x forward). Peak: {peak_gflops:.1f} GFLOP/s. ms at peak = GFLOP / peak, "
+                 f"a compute bound only: at small T moving the weights, not FLOPs, bounds every contender.")
+    return "\n".join(lines)
+
+
+def format_bounds(records: list[dict], peak_gflops: float) -> str:
+    """One line per forward+backward row: the least time at the peak, and the largest speedup over
+    ``hf-grouped_mm`` (and over dualroute) that any implementation could reach on this machine."""
+    lines = [f"Fastest possible forward+backward at the measured peak ({peak_gflops:.1f} GFLOP/s):"]
+    for (T, mode), by_name in _rows(records).items():
+        if mode != "forward+backward":
+            continue
+        gflop = next(iter(by_name.values()))["expert_gflop"]
+        floor_ms = 1e3 * gflop / peak_gflops
+        line = f"  T={T}: {gflop:.4g} GFLOP take >= {floor_ms:.3g} ms"
+        for n in (_BASELINE, "dualroute"):
+            r = by_name.get(n)
+            if r is not None and r["median_ms"] is not None:
+                line += (f"; {n} takes {r['median_ms']:.3g} ms ({100 * r['peak_fraction']:.0f}% of peak), "
+                         f"so no implementation can be more than {r['median_ms'] / floor_ms:.2f}x faster than it")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_profile_table(records: list[dict], names: list[str]) -> str:
+    head = ["T", "mode", *[f"{n} matmul share" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (T, mode), by_name in _rows(records).items():
+        cells = [str(T), mode, *["-" if by_name[n]["matmul_share"] is None else
+                                 f"{100 * by_name[n]['matmul_share']:.1f}%" for n in names]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nShare of self CPU time in {', '.join(_MATMUL_OPS)} over {_PROFILE_STEPS} profiled steps "
+                 f"(torch.profiler, after the timing).")
     return "\n".join(lines)
