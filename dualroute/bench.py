@@ -202,6 +202,56 @@ def lm_train_step(model: nn.Module, idx_BS: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def layer_parts(moe_cfg: MoEConfig, T: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds of each stage of one MoE layer's forward + backward on ``T`` tokens, next to the
+    dense twin's FFN (width ``K * F``, same kind), timed round-robin in this process.
+
+    ``experts`` runs on rows already sorted by a real routing, so ``experts - dense_ffn`` is what the
+    grouped matmuls cost beyond one dense matmul of the same FLOPs; the other stages are what routing
+    adds on top.
+    """
+    from .dispatch import combine, dispatch, plan_dispatch
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    layer = MoELayer(moe_cfg)
+    K = moe_cfg.experts_per_token
+    dense = DenseFFN(moe_cfg.dim, K * moe_cfg.hidden, moe_cfg.expert_kind, moe_cfg.activation)
+    x_TD = torch.randn(T, moe_cfg.dim, generator=gen)
+    g_TD = torch.randn(T, moe_cfg.dim, generator=gen)
+    with torch.no_grad():
+        routing = layer.router(x_TD)
+    plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, moe_cfg.num_experts)
+    x_ND = torch.randn(T * K, moe_cfg.dim, generator=gen).requires_grad_(True)
+    g_ND = torch.randn(T * K, moe_cfg.dim, generator=gen)
+    w_TK = routing.weights_TK.clone().requires_grad_(True)
+    xg_TD = x_TD.clone().requires_grad_(True)
+
+    def backward_of(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+        return lambda: fn().backward(grad)
+
+    return time_alternating([
+        Contender("dense_ffn", train_step(dense, x_TD, g_TD)),
+        Contender("moe_layer", train_step(layer, x_TD, g_TD)),
+        Contender("router", lambda: layer.router(xg_TD).weights_TK.sum().backward()),
+        Contender("plan", lambda: plan_dispatch(routing.expert_ids_TK, routing.weights_TK, moe_cfg.num_experts)),
+        Contender("dispatch", backward_of(lambda: dispatch(xg_TD, plan), g_ND)),
+        Contender("experts", backward_of(lambda: layer.experts(x_ND, plan.counts_E), g_ND)),
+        Contender("combine", backward_of(lambda: combine(x_ND, w_TK, plan), g_TD)),
+        Contender("aux", lambda: layer.make_aux(routing, plan.dropped_E, None, plan.counts_E)),
+    ], repeats, warmup=3)
+
+
+def _print_parts(name: str, parts: dict[str, float]) -> None:
+    dense = parts["dense_ffn"]
+    print(f"  {name}: one layer's forward+backward by stage, ms (dense twin's FFN {dense * 1e3:.2f}):")
+    print(f"    moe_layer {parts['moe_layer'] * 1e3:.2f} = dense FFN + {(parts['moe_layer'] - dense) * 1e3:.2f}")
+    print(f"    experts {parts['experts'] * 1e3:.2f} (grouped matmuls: dense FFN + "
+          f"{(parts['experts'] - dense) * 1e3:.2f})")
+    for key in ("router", "plan", "dispatch", "combine", "aux"):
+        print(f"    {key:8s} {parts[key] * 1e3:.2f}")
+
+
 def run_lm(argv: list[str]) -> int:
     """``dualroute bench lm``: training-step time of the presets' MoE LMs against their dense twin."""
     from .models import TransformerLM
@@ -211,6 +261,9 @@ def run_lm(argv: list[str]) -> int:
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", action="store_true",
+                   help="also time each stage of one MoE layer of every MoE preset (router, plan, dispatch, "
+                        "experts, combine, aux) next to the dense twin's FFN")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=256")
     args = p.parse_args(argv)
@@ -242,6 +295,12 @@ def run_lm(argv: list[str]) -> int:
         result[f"{name}_over_{base}"] = ratio
         print(f"  {name:12s} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9.0f} tokens/s  "
               f"step time / {base} {ratio:.3f}")
+    if args.parts:
+        result["parts_s"] = {}
+        for name, cfg in configs.items():
+            if cfg.model.moe is not None:
+                result["parts_s"][name] = parts = layer_parts(cfg.model.moe, tokens, args.repeats)
+                _print_parts(name, parts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
