@@ -149,6 +149,8 @@ class _Combine(torch.autograd.Function):
 
 def dispatch(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Token rows in expert order, ``(N, D)``. Dropped rows are included (at the end)."""
+    if not (torch.is_grad_enabled() and x_TD.requires_grad):  # inference: skip the autograd.Function machinery
+        return x_TD.index_select(0, plan.token_N)
     return _GatherTokens.apply(x_TD, plan.token_N, plan.inverse_N.view(plan.num_tokens, plan.top_k))
 
 
@@ -158,4 +160,7 @@ def combine(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) ->
     if y_ND.shape[0] < N:  # dropped rows were not computed
         y_ND = torch.cat([y_ND, y_ND.new_zeros(N - y_ND.shape[0], y_ND.shape[1])])
     inverse_TK = plan.inverse_N.view(plan.num_tokens, plan.top_k)
-    return _Combine.apply(y_ND, weights_TK.to(y_ND.dtype), inverse_TK, plan.token_N, plan.order_N)
+    w_TK = weights_TK.to(y_ND.dtype)
+    if not (torch.is_grad_enabled() and (y_ND.requires_grad or w_TK.requires_grad)):
+        return F.embedding_bag(inverse_TK, y_ND, per_sample_weights=w_TK, mode="sum")
+    return _Combine.apply(y_ND, w_TK, inverse_TK, plan.token_N, plan.order_N)

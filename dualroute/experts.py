@@ -143,18 +143,19 @@ def grouped_mm(
         b_EF = None if b_EF is None else b_EF.to(dtype)
     elif x_ND.dtype != w_EDF.dtype:
         raise TypeError(f"expert input dtype {x_ND.dtype} does not match expert weights {w_EDF.dtype}")
-    y_NF = _grouped_mm_eager(x_ND, w_EDF, counts_E)
+    # The compiler.disable wrapper costs tens of microseconds a call, so eager code calls the function itself.
+    run = _grouped_mm_outside_graph if torch.compiler.is_compiling() else _grouped_mm_eager
+    y_NF = run(x_ND, w_EDF, counts_E)
     if b_EF is not None:
         y_NF = y_NF + torch.repeat_interleave(b_EF, counts_E, dim=0, output_size=x_ND.shape[0])
     return y_NF
 
 
-@torch.compiler.disable
 def _grouped_mm_eager(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    # Kept out of torch.compile graphs on purpose: segment sizes are data-dependent (a loop
-    # needs them on the host), and as of torch 2.13 the meta kernel of _grouped_mm accepts
-    # only bf16, so fake-tensor tracing of the fp32 CPU kernel fails. Running this one call
-    # eagerly costs a graph break; everything around it still compiles.
+    # Under torch.compile this runs outside the graph (_grouped_mm_outside_graph): segment sizes
+    # are data-dependent (a loop needs them on the host), and as of torch 2.13 the meta kernel of
+    # _grouped_mm accepts only bf16, so fake-tensor tracing of the fp32 CPU kernel fails. Running
+    # this one call eagerly costs a graph break; everything around it still compiles.
     if x_ND.shape[0] == 0:
         return x_ND.new_zeros(0, w_EDF.shape[-1])
     if _grouped_mm_works(x_ND.device, x_ND.dtype) and _aligned_for_grouped_mm(x_ND, w_EDF):
@@ -164,6 +165,9 @@ def _grouped_mm_eager(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.T
         except RuntimeError:  # a rule we do not check (new kernels): the loop is always right
             pass
     return segment_mm(x_ND, w_EDF, counts_E)
+
+
+_grouped_mm_outside_graph = torch.compiler.disable(_grouped_mm_eager)
 
 
 def _aligned_for_grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:

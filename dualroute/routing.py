@@ -263,10 +263,9 @@ def _check_finite(logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None)
     total = logits_TE.sum()
     if group_logits_TG is not None:
         total = total + group_logits_TG.sum()
-    ok = torch.isfinite(total)
     if torch.compiler.is_compiling():
-        torch._assert_async(ok, "dualroute: router logits contain NaN or Inf")
-    elif not bool(ok):
+        torch._assert_async(torch.isfinite(total), "dualroute: router logits contain NaN or Inf")
+    elif not math.isfinite(total.item()):
         raise ValueError(
             "router logits contain NaN or Inf (check the layer input and the router weights for "
             "non-finite values)"

@@ -8,7 +8,7 @@ import torch
 
 from dualroute.dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from dualroute import experts
-from dualroute.experts import grouped_mm, segment_mm
+from dualroute.experts import ExpertConfig, Experts, grouped_mm, segment_mm
 
 
 def random_ids(T: int, K: int, E: int, seed: int = 0, used: int | None = None) -> torch.Tensor:
@@ -215,6 +215,17 @@ def test_grouped_mm_probe_is_not_fooled_by_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([1, 3]))
     assert experts._grouped_mm_works(torch.device("cpu"), torch.float32) == verdict
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "swiglu"])
+def test_expert_weights_are_stored_out_major(kind):
+    ex = Experts(ExpertConfig(dim=8, hidden=16, num_experts=4, kind=kind))
+    w = ex.first_weight()
+    width = 32 if kind == "swiglu" else (8 if kind == "linear" else 16)
+    assert w.shape == (4, 8, width) and w.stride() == (8 * width, 1, 8)  # shape (E, in, out), memory (E, out, in)
+    copy = Experts(ExpertConfig(dim=8, hidden=16, num_experts=4, kind=kind))
+    copy.load_state_dict(ex.state_dict())  # a plain load copies into the parameter: the layout stays
+    assert copy.first_weight().stride() == w.stride() and torch.equal(copy.first_weight(), w)
 
 
 def test_grouped_mm_no_rows():

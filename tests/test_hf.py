@@ -19,6 +19,7 @@ import torch
 transformers = pytest.importorskip(
     "transformers", reason='HF interop tests need transformers: pip install "dualroute[hf]"')
 
+from dualroute.experts import Experts  # noqa: E402
 from dualroute.interop import load_dualroute, load_hf, save_dualroute, save_hf, swap_moe_blocks  # noqa: E402
 from dualroute.interop import bench_hf  # noqa: E402
 from dualroute.interop.cli_hooks import convert_main, generate_hf_main  # noqa: E402
@@ -161,6 +162,9 @@ def test_drop_in_swap(saved, case):
         got = swapped(idx, output_router_logits=True)
     torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
     assert len(got.router_logits) == len(want.router_logits) == len(names)  # hooks still see the router
+    for module in swapped.modules():  # the loaded weights keep the experts' out-major storage
+        if isinstance(module, Experts):
+            assert all(w.stride(1) == 1 for w in (module.first_weight(), module.w2))
     if want.aux_loss is not None:
         torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-5, rtol=0)
 
