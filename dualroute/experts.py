@@ -108,14 +108,18 @@ class Experts(nn.Module):
 
 
 def _stacked_weight(E: int, fan_in: int, fan_out: int) -> nn.Parameter:
-    """An ``(E, fan_in, fan_out)`` weight stored out-major, as ``nn.Linear`` and Hugging Face store theirs.
+    """An ``(E, fan_in, fan_out)`` weight; routed experts (E > 1) store it out-major.
 
-    The shape (what ``state_dict`` and every caller see) is ``(E, in, out)``; the memory is
-    ``(E, out, in)``. BLAS and ``torch._grouped_mm`` run the small per-expert products of a
-    routed layer faster with the weight in this layout (``dualroute bench hf``: about 10% at
-    T=16-256 on the project's CPU VM, level at T=4096), CUDA's grouped GEMM wants its second
-    operand column-major, and Hugging Face checkpoints load without a transposing copy.
+    The shape (what ``state_dict`` and every caller see) is always ``(E, in, out)``. With E > 1
+    the memory is ``(E, out, in)``, as ``nn.Linear`` and Hugging Face store theirs: BLAS and
+    ``torch._grouped_mm`` run a routed layer's small per-expert products (tens to hundreds of rows)
+    faster in this layout (see ``dualroute bench hf`` at T=16-256), and CUDA's grouped GEMM wants
+    its second operand column-major. A one-expert stack is a dense FFN (``DenseFFN``, shared
+    experts), whose one-token decode product is a matrix-vector product that MKL runs markedly
+    faster in-major, so it keeps the plain layout.
     """
+    if E == 1:
+        return nn.Parameter(torch.empty(E, fan_in, fan_out))
     return nn.Parameter(torch.empty(E, fan_out, fan_in).transpose(1, 2))
 
 

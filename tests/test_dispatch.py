@@ -223,6 +223,8 @@ def test_expert_weights_are_stored_out_major(kind):
     w = ex.first_weight()
     width = 32 if kind == "swiglu" else (8 if kind == "linear" else 16)
     assert w.shape == (4, 8, width) and w.stride() == (8 * width, 1, 8)  # shape (E, in, out), memory (E, out, in)
+    dense = Experts(ExpertConfig(dim=8, hidden=16, num_experts=1, kind=kind)).first_weight()
+    assert dense.shape == (1, 8, width) and dense.is_contiguous()  # a dense FFN keeps the plain layout
     copy = Experts(ExpertConfig(dim=8, hidden=16, num_experts=4, kind=kind))
     copy.load_state_dict(ex.state_dict())  # a plain load copies into the parameter: the layout stays
     assert copy.first_weight().stride() == w.stride() and torch.equal(copy.first_weight(), w)

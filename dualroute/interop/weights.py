@@ -192,7 +192,7 @@ def hf_to_state(arch: ArchConfig, source: TensorSource, config_file: str = "conf
                 state[ours + "ffn." + name] = value
         else:
             w13, w2 = _read_swiglu(t, hf + "mlp.", arch.dim, arch.dense_hidden, "intermediate_size")
-            state[ours + "ffn.inner.w13"], state[ours + "ffn.inner.w2"] = out_major(w13[None]), out_major(w2[None])
+            state[ours + "ffn.inner.w13"], state[ours + "ffn.inner.w2"] = w13[None], w2[None]
     t.check_all_used(_extra_layers(arch))
     return state
 
@@ -266,14 +266,14 @@ def read_moe(t: _Taker, prefix: str, cfg: MoEConfig, model_type: str) -> dict[st
         width = cfg.shared_hidden or cfg.num_shared_experts * Fh
         key = "shared_expert_intermediate_size" if family.shared_gate else f"n_shared_experts * {F_}"
         w13, w2 = _read_swiglu(t, f"{prefix}{family.shared}.", D, width, key)
-        state["shared.ffn.inner.w13"], state["shared.ffn.inner.w2"] = out_major(w13[None]), out_major(w2[None])
+        state["shared.ffn.inner.w13"], state["shared.ffn.inner.w2"] = w13[None], w2[None]
     if cfg.shared_gate:
         state["shared.gate.weight"] = t.take(f"{prefix}{family.shared_gate}.weight", (1, D), "(1, hidden_size)")
     return state
 
 
 def out_major(w_EIO: torch.Tensor) -> torch.Tensor:
-    """``w_EIO`` with the storage ``Experts`` uses, ``(E, out, in)`` in memory (no copy if it already is).
+    """``w_EIO`` with the storage routed ``Experts`` use, ``(E, out, in)`` in memory (no copy if it already is).
 
     Loading with ``assign=True`` keeps the loaded tensor's layout, so the loaders hand over this one."""
     return w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
