@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layer import DenseFFN, MoEAux, MoEConfig, MoELayer
-from ..models.common import ModelOutput
+from ..models.common import ModelOutput, run_decoder_blocks
 from ..models.lm import sample_next
 from .attention import GroupedQueryAttention, KVCache, LatentAttention, MLAConfig, RMSNorm, RopeConfig, rope_tables
 
@@ -117,13 +117,7 @@ class MoECausalLM(nn.Module):
         start = 0 if cache is None else cache.pos
         x_BSD = self.embed(idx_BS)
         rope = rope_tables(self.cfg.rope, self.cfg.rope_dim, start, S, x_BSD.dtype, x_BSD.device)
-        aux: list[MoEAux] = []
-        for block in self.layers:
-            x_BSD, block_aux = block(x_BSD, rope, cache)
-            if block_aux is not None:
-                aux.append(block_aux)
-        if cache is not None:
-            cache.pos += S
+        x_BSD, aux = run_decoder_blocks(self.layers, x_BSD, rope, cache)
         return ModelOutput(self.head(self.norm(x_BSD)).float(), aux)
 
     @torch.no_grad()

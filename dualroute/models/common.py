@@ -30,6 +30,20 @@ class ModelOutput:
 # ------------------------------------------------------------------------------------------ counting
 
 
+def run_decoder_blocks(blocks: nn.ModuleList, x_BSD: torch.Tensor, rope: Any, cache: Any
+                       ) -> tuple[torch.Tensor, list[MoEAux]]:
+    """Run a decoder's blocks in order (each ``block(x, rope, cache) -> (x, aux or None)``), collect the
+    MoE layers' aux results, and advance the KV cache by the sequence length."""
+    aux: list[MoEAux] = []
+    for block in blocks:
+        x_BSD, block_aux = block(x_BSD, rope, cache)
+        if block_aux is not None:
+            aux.append(block_aux)
+    if cache is not None:
+        cache.pos += x_BSD.shape[1]
+    return x_BSD, aux
+
+
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """``(total, active per token)`` parameters; shared (tied) parameters count once.
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layer import MoEAux, MoEConfig
+from ..layer import MoEConfig
 from .blocks import Block, rope_tables
-from .common import (ModelOutput, build_ffn, check_dropout, check_moe, check_positive_float,
+from .common import (ModelOutput, build_ffn, check_dropout, check_moe, check_positive_float, run_decoder_blocks,
                      check_positive_ints, replace_moe_with_dense)
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -128,14 +128,7 @@ class TransformerLM(nn.Module):
         S = self._check_input(idx_BS, cache)
         start = 0 if cache is None else cache.pos
         rope = (self.rope_cos_Sh[start : start + S], self.rope_sin_Sh[start : start + S])
-        x_BSD = self.drop(self.tok_emb(idx_BS))
-        aux: list[MoEAux] = []
-        for block in self.blocks:
-            x_BSD, block_aux = block(x_BSD, rope, cache)
-            if block_aux is not None:
-                aux.append(block_aux)
-        if cache is not None:
-            cache.pos += S
+        x_BSD, aux = run_decoder_blocks(self.blocks, self.drop(self.tok_emb(idx_BS)), rope, cache)
         logits_BSV = self.head(self.norm(x_BSD)).float()
         return ModelOutput(logits_BSV, aux)
 
