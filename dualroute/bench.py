@@ -3,11 +3,17 @@ their fair baselines, side by side.
 
 Every comparison runs in one process, alternating the contenders round by round so that a
 noisy neighbour slows both, and reports medians and ratios (never absolute pass/fail).
+
+``--device cuda`` runs on the GPU (the clock is read only after ``torch.cuda.synchronize()``, so a
+step's time is its kernels' time, not its launch time); ``--dtype`` sets the precision: ``bench
+layer`` builds its modules and inputs in it, ``bench lm`` keeps float32 weights and runs the forward
+under ``torch.autocast`` (mixed precision, as training does).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import platform
@@ -20,6 +26,74 @@ import torch
 from torch import nn
 
 from .layer import DenseFFN, MoEConfig, MoELayer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse ``type`` of ``--device``: cpu, cuda or cuda:N, accepted only where this process can use it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported; expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available: torch {torch.__version__} "
+                                         "sees no CUDA device")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available: torch sees "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def dtype_arg(text: str) -> torch.dtype:
+    """argparse ``type`` of ``--dtype``: a name in ``DTYPES``."""
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[text]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def add_device_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", type=dtype_arg, default="float32", metavar="{" + ",".join(DTYPES) + "}",
+                   help=dtype_help)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None] | None:
+    """What waits for the device's queued work before the clock is read: None on the CPU (nothing is queued)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def device_setup(device: torch.device, threads: int) -> dict:
+    """The device fields of a benchmark's JSON ``setup``; ``threads`` counts only on the CPU."""
+    if device.type == "cuda":
+        return {"device": str(device), "device_name": torch.cuda.get_device_name(device), "threads": None,
+                "cuda": torch.version.cuda, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    return {"device": "cpu", "device_name": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "threads": threads}
+
+
+def describe_device(device: torch.device, threads: int) -> str:
+    """``cpu, 2 threads`` or ``cuda:0 (NVIDIA H200)``, for a header line."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu, {threads} threads"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``; no context at all for None or float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 class SeedMixture(nn.Module):
@@ -50,14 +124,18 @@ def _output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-def train_step(module: nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward; gradients are dropped each time as an optimizer's zero_grad would."""
+def train_step(module: nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor,
+               amp_dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One forward + backward; gradients are dropped each time as an optimizer's zero_grad would.
+    With ``amp_dtype`` the forward runs under ``torch.autocast`` to it (the backward outside, as usual)."""
     x_TD = x_TD.detach().requires_grad_(True)
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x_TD.grad = None
-        _output(module(x_TD)).backward(grad_TD)
+        with autocast(x_TD.device, amp_dtype):
+            y = _output(module(x_TD))
+        y.backward(grad_TD)
 
     return step
 
@@ -70,13 +148,21 @@ def infer_step(module: nn.Module, x_TD: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def time_alternating(contenders: list[Contender], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender, measured round-robin."""
+def time_alternating(contenders: list[Contender], repeats: int, warmup: int = 1,
+                     sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each contender, measured round-robin.
+
+    ``sync`` (see ``synchronizer``) runs before the clock starts and before it stops, so an
+    asynchronous device's queued work is inside the measured interval and no earlier work is."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for i in range(warmup + repeats):
         for c in contenders:
+            if sync is not None:
+                sync()
             start = time.perf_counter()
             c.step()
+            if sync is not None:
+                sync()
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times[c.name].append(elapsed)
@@ -87,35 +173,45 @@ def _moe(D: int, F: int, E: int, K: int, G: int = 1, J: int = 1) -> MoELayer:
     return MoELayer(MoEConfig(dim=D, hidden=F, num_experts=E, experts_per_token=K, num_groups=G, groups_per_token=J))
 
 
-def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed: int = 0) -> dict:
+def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed: int = 0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Median seconds of each round's contenders; modules and inputs live on ``device`` in ``dtype``.
+
+    Weights and inputs are drawn on the CPU (the same numbers whatever the device), then moved."""
+    device = torch.device(device)
+    sync = synchronizer(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x_TD = torch.randn(T, D, generator=gen)
-    g_TD = torch.randn(T, D, generator=gen)
-    moe8 = _moe(D, F, 8, 2)
-    dense = DenseFFN(D, 2 * F)  # same active size as K=2 experts of width F
+    x_TD = torch.randn(T, D, generator=gen).to(device, dtype)
+    g_TD = torch.randn(T, D, generator=gen).to(device, dtype)
+
+    def on(module: nn.Module) -> nn.Module:
+        return module.to(device, dtype)
+
+    moe8 = on(_moe(D, F, 8, 2))
+    dense = on(DenseFFN(D, 2 * F))  # same active size as K=2 experts of width F
     rounds = {}
 
     rounds["moe_vs_dense"] = time_alternating([
         Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
         Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
         Contender("seed_all_experts_E8", train_step(SeedMixture(moe8), x_TD, g_TD)),
-    ], repeats)
+    ], repeats, sync=sync)
     rounds["dual_vs_flat"] = time_alternating([
-        Contender("dual_G4_J2_E16_K2", train_step(_moe(D, F, 16, 2, G=4, J=2), x_TD, g_TD)),
-        Contender("flat_E16_K2", train_step(_moe(D, F, 16, 2), x_TD, g_TD)),
-    ], repeats)
+        Contender("dual_G4_J2_E16_K2", train_step(on(_moe(D, F, 16, 2, G=4, J=2)), x_TD, g_TD)),
+        Contender("flat_E16_K2", train_step(on(_moe(D, F, 16, 2)), x_TD, g_TD)),
+    ], repeats, sync=sync)
     rounds["scaling_E"] = time_alternating([
-        Contender("moe_E64_K2", train_step(_moe(D, F, 64, 2), x_TD, g_TD)),
+        Contender("moe_E64_K2", train_step(on(_moe(D, F, 64, 2)), x_TD, g_TD)),
         Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
-        Contender("moe_E8_K4", train_step(_moe(D, F, 8, 4), x_TD, g_TD)),
+        Contender("moe_E8_K4", train_step(on(_moe(D, F, 8, 4)), x_TD, g_TD)),
         Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
-    ], repeats)
+    ], repeats, sync=sync)
     for n in (1, 16):
         rounds[f"decode_T{n}"] = time_alternating([
             Contender("moe_E8_K2", infer_step(moe8, x_TD[:n])),
             Contender("dense_F2x", infer_step(dense, x_TD[:n])),
-        ], decode_repeats, warmup=5)
+        ], decode_repeats, warmup=5, sync=sync)
     return rounds
 
 
@@ -156,26 +252,31 @@ def run_layer(argv: list[str]) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--decode-repeats", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu only)")
+    add_device_options(p, "weights and inputs (default float32)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     for name in ("tokens", "dim", "hidden", "repeats", "decode_repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
-    rounds = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats)
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    rounds = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats,
+                         device=args.device, dtype=args.dtype)
+    setup = device_setup(args.device, args.threads)
     result = {
         "setup": {
-            "T": args.tokens, "D": args.dim, "F": args.hidden, "dtype": "float32", "threads": args.threads,
+            "T": args.tokens, "D": args.dim, "F": args.hidden, "dtype": dtype_name(args.dtype), **setup,
             "expert_kind": "swiglu", "repeats": args.repeats, "torch": torch.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "timing": "median seconds per forward+backward (decode: per inference forward)",
+            "machine": setup["device_name"],
+            "timing": "median seconds per forward+backward (decode: per inference forward)"
+                      + (", after torch.cuda.synchronize()" if args.device.type == "cuda" else ""),
         },
         "medians_s": rounds,
         **ratios(rounds),
     }
-    print(f"dualroute bench layer: T={args.tokens} D={args.dim} F={args.hidden} float32, "
-          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"dualroute bench layer: T={args.tokens} D={args.dim} F={args.hidden} {dtype_name(args.dtype)}, "
+          f"{describe_device(args.device, args.threads)}, torch {torch.__version__}")
     for group, medians in rounds.items():
         print(f"  {group}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in medians.items()))
     for key, value in ratios(rounds).items():
@@ -187,14 +288,17 @@ def run_layer(argv: list[str]) -> int:
     return 0
 
 
-def lm_train_step(model: nn.Module, idx_BS: torch.Tensor) -> Callable[[], None]:
-    """One optimizer step of a language model: forward, loss (+ aux losses), backward, AdamW."""
+def lm_train_step(model: nn.Module, idx_BS: torch.Tensor, amp_dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One optimizer step of a language model: forward, loss (+ aux losses), backward, AdamW.
+
+    ``amp_dtype`` (bfloat16, float16): the forward and the loss run under ``torch.autocast`` to it."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> None:
-        out = model(idx_BS[:, :-1])
-        loss = nn.functional.cross_entropy(out.logits.flatten(0, 1), idx_BS[:, 1:].flatten())
-        loss = loss + sum(a.loss for a in out.aux)
+        with autocast(idx_BS.device, amp_dtype):
+            out = model(idx_BS[:, :-1])
+            loss = nn.functional.cross_entropy(out.logits.flatten(0, 1), idx_BS[:, 1:].flatten())
+            loss = loss + sum(a.loss for a in out.aux)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -202,44 +306,61 @@ def lm_train_step(model: nn.Module, idx_BS: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def layer_parts(moe_cfg: MoEConfig, T: int, repeats: int, seed: int = 0) -> dict[str, float]:
+def layer_parts(moe_cfg: MoEConfig, T: int, repeats: int, seed: int = 0, device: torch.device | str = "cpu",
+                amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Median seconds of each stage of one MoE layer's forward + backward on ``T`` tokens, next to the
     dense twin's FFN (width ``K * F``, same kind), timed round-robin in this process.
 
     ``experts`` runs on rows already sorted by a real routing, so ``experts - dense_ffn`` is what the
     grouped matmuls cost beyond one dense matmul of the same FLOPs; the other stages are what routing
-    adds on top.
+    adds on top. On ``device``; with ``amp_dtype`` every stage's forward runs under autocast (float32
+    weights and token rows, as in ``bench lm``; backward outside it), and the routed rows the experts and
+    the combine see are in ``amp_dtype`` (what the experts return under autocast).
     """
     from .dispatch import combine, dispatch, plan_dispatch
 
+    device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    layer = MoELayer(moe_cfg)
+    layer = MoELayer(moe_cfg).to(device)
     K = moe_cfg.experts_per_token
-    dense = DenseFFN(moe_cfg.dim, K * moe_cfg.hidden, moe_cfg.expert_kind, moe_cfg.activation)
-    x_TD = torch.randn(T, moe_cfg.dim, generator=gen)
-    g_TD = torch.randn(T, moe_cfg.dim, generator=gen)
+    dense = DenseFFN(moe_cfg.dim, K * moe_cfg.hidden, moe_cfg.expert_kind, moe_cfg.activation).to(device)
+    x_TD = torch.randn(T, moe_cfg.dim, generator=gen).to(device)
+    g_TD = torch.randn(T, moe_cfg.dim, generator=gen).to(device)
     with torch.no_grad():
         routing = layer.router(x_TD)
     plan = plan_dispatch(routing.expert_ids_TK, routing.weights_TK, moe_cfg.num_experts)
-    x_ND = torch.randn(T * K, moe_cfg.dim, generator=gen).requires_grad_(True)
-    g_ND = torch.randn(T * K, moe_cfg.dim, generator=gen)
+    rows_dtype = amp_dtype or torch.float32  # what the experts return (and the combine gets) under autocast
+    x_ND = torch.randn(T * K, moe_cfg.dim, generator=gen).to(device, rows_dtype).requires_grad_(True)
+    g_ND = torch.randn(T * K, moe_cfg.dim, generator=gen).to(device)
     w_TK = routing.weights_TK.clone().requires_grad_(True)
     xg_TD = x_TD.clone().requires_grad_(True)
 
-    def backward_of(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
-        return lambda: fn().backward(grad)
+    def forward_only(forward: Callable[[], object]) -> Callable[[], None]:
+        def step() -> None:
+            with autocast(device, amp_dtype):
+                forward()
+        return step
 
-    return time_alternating([
-        Contender("dense_ffn", train_step(dense, x_TD, g_TD)),
-        Contender("moe_layer", train_step(layer, x_TD, g_TD)),
-        Contender("router", lambda: layer.router(xg_TD).weights_TK.sum().backward()),
-        Contender("plan", lambda: plan_dispatch(routing.expert_ids_TK, routing.weights_TK, moe_cfg.num_experts)),
-        Contender("dispatch", backward_of(lambda: dispatch(xg_TD, plan), g_ND)),
-        Contender("experts", backward_of(lambda: layer.experts(x_ND, plan.counts_E), g_ND)),
-        Contender("combine", backward_of(lambda: combine(x_ND, w_TK, plan), g_TD)),
-        Contender("aux", lambda: layer.make_aux(routing, plan.dropped_E, None, plan.counts_E)),
-    ], repeats, warmup=3)
+    def forward_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None = None) -> Callable[[], None]:
+        def step() -> None:
+            with autocast(device, amp_dtype):
+                out = forward()
+            out.backward(grad)
+        return step
+
+    stages = {
+        "dense_ffn": train_step(dense, x_TD, g_TD, amp_dtype),
+        "moe_layer": train_step(layer, x_TD, g_TD, amp_dtype),
+        "router": forward_backward(lambda: layer.router(xg_TD).weights_TK.sum()),
+        "plan": forward_only(lambda: plan_dispatch(routing.expert_ids_TK, routing.weights_TK, moe_cfg.num_experts)),
+        "dispatch": forward_backward(lambda: dispatch(xg_TD, plan), g_ND),
+        "experts": forward_backward(lambda: layer.experts(x_ND, plan.counts_E), g_ND.to(rows_dtype)),
+        "combine": forward_backward(lambda: combine(x_ND, w_TK, plan), g_TD.to(rows_dtype)),
+        "aux": forward_only(lambda: layer.make_aux(routing, plan.dropped_E, None, plan.counts_E)),
+    }
+    return time_alternating([Contender(name, step) for name, step in stages.items()], repeats, warmup=3,
+                            sync=synchronizer(device))
 
 
 def _print_parts(name: str, parts: dict[str, float]) -> None:
@@ -260,7 +381,9 @@ def run_lm(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dualroute bench lm", description=run_lm.__doc__)
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu only)")
+    add_device_options(p, "bfloat16 / float16: float32 weights, forward and loss under torch.autocast to it "
+                          "(default float32: no autocast)")
     p.add_argument("--parts", action="store_true",
                    help="also time each stage of one MoE layer of every MoE preset (router, plan, dispatch, "
                         "experts, combine, aux) next to the dense twin's FFN")
@@ -270,25 +393,29 @@ def run_lm(argv: list[str]) -> int:
     for name in ("repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads)
     names = [n for n in args.presets.split(",") if n]
     if not names:
         p.error("--presets names no preset")
     configs = {n: override(get_preset(n), args.overrides) for n in names}
     first = next(iter(configs.values())).train
+    amp_dtype = None if args.dtype == torch.float32 else args.dtype
     gen = torch.Generator().manual_seed(0)
     contenders = []
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        model = TransformerLM(cfg.model)
+        model = TransformerLM(cfg.model).to(args.device)
         idx_BS = torch.randint(0, cfg.model.vocab_size, (first.batch_size, first.seq_len + 1), generator=gen)
-        contenders.append(Contender(name, lm_train_step(model, idx_BS)))
-    medians = time_alternating(contenders, args.repeats, warmup=3)
+        contenders.append(Contender(name, lm_train_step(model, idx_BS.to(args.device), amp_dtype)))
+    medians = time_alternating(contenders, args.repeats, warmup=3, sync=synchronizer(args.device))
     tokens = first.batch_size * first.seq_len
     base = names[0]
-    print(f"dualroute bench lm: batch {first.batch_size} x {first.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.repeats} AdamW steps")
-    result = {"setup": {"presets": names, "overrides": args.overrides, "threads": args.threads,
+    precision = "float32" if amp_dtype is None else f"{dtype_name(amp_dtype)} autocast (float32 weights)"
+    print(f"dualroute bench lm: batch {first.batch_size} x {first.seq_len} tokens, {precision}, "
+          f"{describe_device(args.device, args.threads)}, median of {args.repeats} AdamW steps")
+    result = {"setup": {"presets": names, "overrides": args.overrides, "dtype": dtype_name(args.dtype),
+                        "precision": precision, **device_setup(args.device, args.threads),
                         "tokens_per_step": tokens, "torch": torch.__version__}, "medians_s": medians}
     for name, seconds in medians.items():
         ratio = seconds / medians[base]
@@ -299,7 +426,8 @@ def run_lm(argv: list[str]) -> int:
         result["parts_s"] = {}
         for name, cfg in configs.items():
             if cfg.model.moe is not None:
-                result["parts_s"][name] = parts = layer_parts(cfg.model.moe, tokens, args.repeats)
+                result["parts_s"][name] = parts = layer_parts(cfg.model.moe, tokens, args.repeats, device=args.device,
+                                                                      amp_dtype=amp_dtype)
                 _print_parts(name, parts)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,10 +1,14 @@
-"""The layer and LM benchmarks run end to end on tiny sizes and report what they claim (no timing asserts)."""
+"""The layer, LM and HF benchmarks run end to end on tiny sizes and report what they claim (no timing asserts);
+``--device`` / ``--dtype`` reach the setup and the header, and bad values are usage errors naming them."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from dualroute.bench import run_layer, run_lm
+from dualroute.bench import Contender, lm_train_step, run_layer, run_lm, synchronizer, time_alternating
+from dualroute.interop import bench_hf
 
 STAGES = {"dense_ffn", "moe_layer", "router", "plan", "dispatch", "experts", "combine", "aux"}
 
@@ -39,3 +43,144 @@ def test_bench_lm_rejects_bad_arguments(argv, capsys):
         run_lm(argv)
     assert info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ --device / --dtype
+
+
+def test_bench_layer_bfloat16(tmp_path, capsys, one_thread):
+    out = tmp_path / "layer.json"
+    assert run_layer(["--tokens", "8", "--dim", "16", "--hidden", "32", "--repeats", "1", "--decode-repeats", "1",
+                      "--threads", "1", "--device", "cpu", "--dtype", "bfloat16", "--json", str(out)]) == 0
+    setup = json.loads(out.read_text())["setup"]
+    assert (setup["device"], setup["dtype"], setup["threads"]) == ("cpu", "bfloat16", 1)
+    assert "T=8 D=16 F=32 bfloat16, cpu, 1 threads" in capsys.readouterr().out
+
+
+def test_bench_lm_bfloat16_autocast(tmp_path, capsys, one_thread):
+    out = tmp_path / "lm.json"
+    assert run_lm(["--repeats", "1", "--threads", "1", "--dtype", "bfloat16", "--parts", "--json", str(out),
+                   "--presets", "lm-dense,lm-dual", "model.n_layers=1", "train.batch_size=2", "train.seq_len=8"]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["dtype"] == "bfloat16" and result["setup"]["device"] == "cpu"
+    assert result["setup"]["precision"] == "bfloat16 autocast (float32 weights)"
+    assert set(result["parts_s"]["lm-dual"]) == STAGES
+    assert "bfloat16 autocast (float32 weights), cpu, 1 threads" in capsys.readouterr().out
+
+
+def test_bench_lm_autocast_is_used():
+    """The LM's forward runs under autocast to --dtype (its weights stay float32), and without it for float32."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3, 3))
+
+        def forward(self, idx):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return SimpleNamespace(logits=torch.ones(*idx.shape, 3) @ self.w, aux=[])
+
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    lm_train_step(Probe(), idx, torch.bfloat16)()
+    lm_train_step(Probe(), idx)()
+    assert seen[0] == (True, torch.bfloat16) and seen[1][0] is False
+
+
+def test_time_alternating_synchronizes_around_each_step():
+    events = []
+    contenders = [Contender(name, lambda name=name: events.append(name)) for name in ("a", "b")]
+    medians = time_alternating(contenders, repeats=2, warmup=1, sync=lambda: events.append("sync"))
+    assert set(medians) == {"a", "b"}
+    assert events == ["sync", "a", "sync", "sync", "b", "sync"] * 3
+    assert synchronizer(torch.device("cpu")) is None
+
+
+BAD_DEVICE_ARGS = [
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not available"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--dtype", "float8"], "unknown dtype 'float8'; expected one of float32, bfloat16, float16"),
+    (["--dtype", "float64"], "unknown dtype 'float64'"),
+]
+
+
+@pytest.mark.parametrize("run", [run_layer, run_lm, bench_hf.main], ids=["layer", "lm", "hf"])
+@pytest.mark.parametrize("argv,message", BAD_DEVICE_ARGS)
+def test_bad_device_or_dtype_is_a_usage_error(run, argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}: {message}" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("run", [run_layer, run_lm, bench_hf.main], ids=["layer", "lm", "hf"])
+def test_cuda_without_cuda_is_a_usage_error(run, capsys):
+    with pytest.raises(SystemExit) as info:
+        run(["--device", "cuda"])
+    assert info.value.code == 2
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+
+
+def pretend_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_bench_hf_peak_size_default_follows_the_device(monkeypatch):
+    assert bench_hf._parse([]).peak_size == 2048
+    assert bench_hf._parse(["--peak-size", "64"]).peak_size == 64
+    pretend_cuda(monkeypatch)
+    args = bench_hf._parse(["--device", "cuda", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype, args.peak_size) == (torch.device("cuda"), torch.bfloat16, 8192)
+
+
+def test_bench_hf_profile_needs_the_cpu(monkeypatch, capsys):
+    pretend_cuda(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        bench_hf._parse(["--device", "cuda", "--profile"])
+    assert info.value.code == 2
+    assert "--profile measures self CPU time and needs --device cpu, got --device cuda" in capsys.readouterr().err
+
+
+TINY_HF = ["--tokens", "1,4", "--dim", "16", "--hidden", "32", "--experts", "4", "--budget", "0.01",
+           "--peak-size", "32"]
+
+
+def test_bench_hf_bfloat16(tmp_path, capsys, one_thread):
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.json"
+    assert bench_hf.main([*TINY_HF, "--dtype", "bfloat16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["device"], result["dtype"], result["peak_matmul_size"]) == ("cpu", "bfloat16", 32)
+    assert "K=2 bfloat16, cpu, 1 threads" in result["header"] and "(32x32 bfloat16" in result["header"]
+    timed = [r for r in result["records"] if r["median_ms"] is not None]
+    assert len(timed) == 2 * 2 * 4
+    assert all(r["max_abs_diff_vs_dualroute"] < 0.05 for r in timed)  # same weights, bfloat16 rounding
+    assert "bfloat16" in capsys.readouterr().out
+
+
+def test_bench_hf_failing_contender_is_reported_and_the_rest_run(tmp_path, monkeypatch, capsys, one_thread):
+    pytest.importorskip("transformers")
+    build = bench_hf._contenders
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no kernel for this dtype\non this device")
+
+    def with_broken_eager(args):
+        blocks = build(args)
+        blocks["hf-eager"] = Broken()
+        return blocks
+
+    monkeypatch.setattr(bench_hf, "_contenders", with_broken_eager)
+    out = tmp_path / "hf.json"
+    assert bench_hf.main([*TINY_HF, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    eager = [r for r in records if r["contender"] == "hf-eager"]
+    assert len(eager) == 4 and all(r["median_ms"] is None for r in eager)
+    assert all(r["note"] == "failed: no kernel for this dtype on this device" for r in eager)
+    assert all(r["median_ms"] is not None for r in records if r["contender"] != "hf-eager")
+    assert "hf-eager failed: no kernel" in capsys.readouterr().out

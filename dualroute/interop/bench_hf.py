@@ -5,17 +5,22 @@ Shapes: T tokens, D model dim, F expert hidden dim, E experts, K experts per tok
 transformers 5 runs a MoE block's experts by a selectable ``experts_implementation``: ``eager`` (a
 loop over the experts that received tokens), ``batched_mm`` (gathers one weight matrix per routed
 row: fast for a handful of tokens, memory ``T*K*3*D*F`` floats) and ``grouped_mm`` (sort by expert,
-``torch._grouped_mm``; transformers' default). GPU-only kernels (``deepgemm``, ``sonicmoe``) are not
-run on CPU. Every available one is timed, alternating with dualroute's ``MoELayer`` (in the drop-in
-adapter) round-robin in one process; the table shows medians and ``hf / dualroute`` ratios
-(> 1: dualroute is faster).
+``torch._grouped_mm``; transformers' default). Kernels that need extra packages (``deepgemm``,
+``sonicmoe``) are not run. Every available one is timed, alternating with dualroute's ``MoELayer`` (in
+the drop-in adapter) round-robin in one process; the table shows medians and ``hf / dualroute`` ratios
+(> 1: dualroute is faster). A contender that raises (a kernel without this device or dtype) is reported
+as failed and the others go on.
 
-Roofline evidence: the process also times a large float32 square matmul at the same thread count (before
-and after the contenders; the larger is the machine's peak). A second table gives each contender's
-achieved GFLOP/s on the block's useful matmul FLOPs (``moe_flops``) and its fraction of that peak, and
-the least time any implementation could take at the peak, i.e. the largest speedup over
-``hf-grouped_mm`` this machine allows. ``--profile`` adds each contender's share of self CPU time in
-matmul kernels (torch.profiler).
+``--device`` (cpu, cuda) and ``--dtype`` (float32, bfloat16, float16) place every block's weights and
+the inputs; dualroute's router stays float32, as ``swap_moe_blocks`` keeps it. On CUDA every timing
+waits for the device (``torch.cuda.synchronize()``) before the clock is read.
+
+Roofline evidence: the process also times a large square matmul in the same dtype on the same device
+(same thread count on the CPU), before and after the contenders; the larger is the machine's peak. A
+second table gives each contender's achieved GFLOP/s on the block's useful matmul FLOPs (``moe_flops``)
+and its fraction of that peak, and the least time any implementation could take at the peak, i.e. the
+largest speedup over ``hf-grouped_mm`` this machine allows. ``--profile`` (CPU only) adds each
+contender's share of self CPU time in matmul kernels (torch.profiler).
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from pathlib import Path
 
 import torch
 
+from ..bench import add_device_options, describe_device, dtype_name, synchronizer
 from .swap import require_transformers
 
 _IMPLS = ("eager", "batched_mm", "grouped_mm")
 _MODES = ("forward", "forward+backward")
 _BASELINE = "hf-grouped_mm"  # transformers' default experts implementation
 _PEAK_RUNS = 5  # timed runs of the peak matmul, after one warm-up; the median counts
+_PEAK_SIZE = {"cpu": 2048, "cuda": 8192}  # default N of the peak matmul, by device type
 _PROFILE_STEPS = 3  # steps under torch.profiler per contender and (T, mode), with --profile
 _MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm")  # whose self CPU time is the matmul share
 
@@ -46,17 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     contenders = _contenders(args)
     names = list(contenders)
-    peak_before = measure_peak_gflops(args.peak_size)
+    peak_before = measure_peak_gflops(args.peak_size, device=args.device, dtype=args.dtype)
+    dtype = dtype_name(args.dtype)
     header = (f"dualroute bench hf: Mixtral-like MoE block D={args.dim} F={args.hidden} E={args.experts} "
-              f"K={args.top_k} float32, cpu, {torch.get_num_threads()} threads, transformers "
+              f"K={args.top_k} {dtype}, {describe_device(args.device, torch.get_num_threads())}, transformers "
               f"{transformers.__version__}, torch {torch.__version__}, matmul peak {peak_before:.1f} GFLOP/s "
-              f"({args.peak_size}x{args.peak_size} float32, median of {_PEAK_RUNS})")
+              f"({args.peak_size}x{args.peak_size} {dtype}, median of {_PEAK_RUNS})")
     print(header, flush=True)
     records = []
     for T in args.tokens:
         for mode in _MODES:
             records += _measure(contenders, T, mode, args)
-    peak_after = measure_peak_gflops(args.peak_size)
+    peak_after = measure_peak_gflops(args.peak_size, device=args.device, dtype=args.dtype)
     peak = max(peak_before, peak_after)
     add_roofline(records, peak)
     print()
@@ -70,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_profile_table(records, names))
     if args.json:
-        result = {"header": header, "peak_gflops": peak, "peak_gflops_before": peak_before,
-                  "peak_gflops_after": peak_after, "peak_matmul_size": args.peak_size,
-                  "threads": torch.get_num_threads(), "records": records}
+        result = {"header": header, "device": str(args.device), "dtype": dtype, "peak_gflops": peak,
+                  "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
+                  "peak_matmul_size": args.peak_size,
+                  "threads": torch.get_num_threads() if args.device.type == "cpu" else None, "records": records}
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"\nwrote {args.json}")
     return 0
@@ -88,11 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=4.0, help="seconds of timing per (T, mode), all contenders")
     p.add_argument("--batched-mm-max-gib", type=float, default=1.0,
                    help="skip batched_mm where its gathered weights would exceed this")
-    p.add_argument("--peak-size", type=int, default=2048,
-                   help="N of the N x N @ N x N float32 matmul timed as the machine's peak")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="N of the N x N @ N x N matmul (in --dtype) timed as the machine's peak "
+                        f"(default {_PEAK_SIZE['cpu']} on the CPU, {_PEAK_SIZE['cuda']} on CUDA)")
+    add_device_options(p, "every block's weights and the inputs (default float32)")
     p.add_argument("--profile", action="store_true",
                    help=f"also run {_PROFILE_STEPS} steps per contender under torch.profiler and report the "
-                        "matmul share of self CPU time")
+                        "matmul share of self CPU time (--device cpu only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurements here")
     return p
@@ -101,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = _parser()
     args = p.parse_args(argv)
+    if args.peak_size is None:
+        args.peak_size = _PEAK_SIZE[args.device.type]
+    if args.profile and args.device.type != "cpu":
+        p.error(f"--profile measures self CPU time and needs --device cpu, got --device {args.device}")
     if not args.tokens or min(args.tokens) < 1:
         p.error(f"--tokens must list integers >= 1, got {args.tokens}")
     for name in ("dim", "hidden", "experts", "top_k", "peak_size"):
@@ -138,18 +153,24 @@ def moe_flops(T: int, D: int, F: int, E: int, K: int, mode: str) -> int:
     return forward if mode == "forward" else 3 * forward
 
 
-def measure_peak_gflops(n: int, runs: int = _PEAK_RUNS) -> float:
-    """GFLOP/s of an ``n x n @ n x n`` float32 matmul at the current thread count: median of ``runs``
-    after one warm-up, into a preallocated output."""
+def measure_peak_gflops(n: int, runs: int = _PEAK_RUNS, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` on ``device`` (at the current thread count on
+    the CPU): median of ``runs`` after one warm-up, into a preallocated output, the device synchronized
+    before and after each."""
+    device = torch.device(device)
+    sync = synchronizer(device) or (lambda: None)
     gen = torch.Generator().manual_seed(0)
-    a_NN = torch.randn(n, n, generator=gen)
-    b_NN = torch.randn(n, n, generator=gen)
-    out_NN = torch.empty(n, n)
+    a_NN = torch.randn(n, n, generator=gen).to(device, dtype)
+    b_NN = torch.randn(n, n, generator=gen).to(device, dtype)
+    out_NN = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a_NN, b_NN, out=out_NN)
     times = []
     for _ in range(runs):
+        sync()
         start = time.perf_counter()
         torch.mm(a_NN, b_NN, out=out_NN)
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -167,14 +188,16 @@ def _contenders(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0.0, 0.02)
+    reference.to(args.device, args.dtype)
     blocks: dict[str, torch.nn.Module] = {}
     for impl in _IMPLS:
         block_config = copy.deepcopy(config)
         block_config._experts_implementation = impl
-        block = MixtralSparseMoeBlock(block_config)
+        block = MixtralSparseMoeBlock(block_config).to(args.device, args.dtype)
         block.load_state_dict(reference.state_dict())
         blocks[f"hf-{impl}"] = block
     moe = arch_from_hf(config.to_dict()).moe
+    # The adapter takes the block's device and dtype, its router float32 (as swap_moe_blocks does).
     blocks["dualroute"] = _adapter(copy.deepcopy(reference), moe, "mixtral", "bench")
     for block in blocks.values():
         block.train()  # as in fine-tuning; the router has no jitter here, so forward is the same as eval
@@ -183,18 +206,31 @@ def _contenders(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 def _measure(contenders: dict, T: int, mode: str, args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed + T)
-    x = torch.randn(1, T, args.dim, generator=gen)
-    grad = torch.randn(1, T, args.dim, generator=gen)
-    gathered_gib = T * args.top_k * 3 * args.dim * args.hidden * 4 / 2**30
-    names = [n for n in contenders if not (n == "hf-batched_mm" and gathered_gib > args.batched_mm_max_gib)]
-    outputs = {n: _step(contenders[n], x, grad, mode) for n in names}  # warm-up, and the outputs to compare
+    x = torch.randn(1, T, args.dim, generator=gen).to(args.device, args.dtype)
+    grad = torch.randn(1, T, args.dim, generator=gen).to(args.device, args.dtype)
+    gathered_gib = T * args.top_k * 3 * args.dim * args.hidden * x.element_size() / 2**30
+    notes = {}
+    if gathered_gib > args.batched_mm_max_gib:
+        notes["hf-batched_mm"] = f"skipped: gathers {gathered_gib:.1f} GiB of weights"
+    outputs = {}  # warm-up, and the outputs to compare
+    for n in contenders:
+        if n not in notes:
+            try:
+                outputs[n] = _step(contenders[n], x, grad, mode)
+            except RuntimeError as e:  # also torch.OutOfMemoryError; dualroute's own errors are not hidden
+                if n == "dualroute":
+                    raise
+                notes[n] = f"failed: {' '.join(str(e).split())[:200]}"
+                print(f"T={T} {mode}: {n} {notes[n]}", flush=True)
+    names = list(outputs)
+    sync = synchronizer(args.device)
     reference = outputs["dualroute"]
-    first = {n: _timed(contenders[n], x, grad, mode) for n in names}
+    first = {n: _timed(contenders[n], x, grad, mode, sync) for n in names}
     reps = max(3, min(50, int(args.budget / max(sum(first.values()), 1e-6))))
     times = {n: [first[n]] for n in names}
     for _ in range(reps - 1):
         for n in names:  # round-robin, so drifts in machine load hit every contender alike
-            times[n].append(_timed(contenders[n], x, grad, mode))
+            times[n].append(_timed(contenders[n], x, grad, mode, sync))
     shares = {n: matmul_share(contenders[n], x, grad, mode) for n in names} if args.profile else {}
     gflop = moe_flops(T, args.dim, args.hidden, args.experts, args.top_k, mode) / 1e9
     records = []
@@ -203,11 +239,11 @@ def _measure(contenders: dict, T: int, mode: str, args: argparse.Namespace) -> l
         records.append({"T": T, "mode": mode, "contender": n, "reps": 0 if skipped else reps,
                         "median_ms": None if skipped else 1e3 * statistics.median(times[n]),
                         "max_abs_diff_vs_dualroute": None if skipped else
-                        float((outputs[n] - reference).abs().max()),
-                        "expert_gflop": gflop, "matmul_share": shares.get(n),
-                        "note": f"skipped: gathers {gathered_gib:.1f} GiB of weights" if skipped else ""})
+                        float((outputs[n].float() - reference.float()).abs().max()),
+                        "expert_gflop": gflop, "matmul_share": shares.get(n), "note": notes.get(n, "")})
     print(f"T={T:5d} {mode:17s} " + "  ".join(
-        f"{r['contender']} {r['median_ms']:.2f} ms" if r["median_ms"] is not None else f"{r['contender']} skipped"
+        f"{r['contender']} {r['median_ms']:.2f} ms" if r["median_ms"] is not None
+        else f"{r['contender']} {r['note'].partition(':')[0]}"
         for r in records), flush=True)
     return records
 
@@ -228,9 +264,14 @@ def _hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str) -> float:
+def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str, sync=None) -> float:
+    """Seconds of one step; ``sync`` (see ``dualroute.bench.synchronizer``) waits for the device first and last."""
+    if sync is not None:
+        sync()
     start = time.perf_counter()
     _step(block, x, grad, mode)
+    if sync is not None:
+        sync()
     return time.perf_counter() - start
 
 
