@@ -8,6 +8,18 @@ Kinds: ``linear`` (the seed's expert, ``x W + b``), ``mlp`` (``act(x W1 + b1) W2
 ``w13`` so one grouped matmul computes both). A new kind (a convolutional expert, say)
 subclasses nothing: it is one more branch in ``Experts.forward`` with its own weights, fed
 the same ``(x_ND, counts_E)``.
+
+Two ways to run the experts, chosen per call (``padded_capacity``):
+
+* ``grouped_mm``: ``torch._grouped_mm`` on the sorted rows. On CUDA in bfloat16 (compute capability
+  >= 9.0) that is one fused grouped GEMM. Elsewhere PyTorch runs it as a loop of one matmul per expert,
+  which on the CPU is cheap but on a GPU reads each expert's row offset back to the host: one
+  synchronisation per expert and matmul.
+* ``Experts._forward_padded``: one ``torch.bmm`` over an ``(E, capacity, D)`` block, every expert's
+  rows padded to the largest count. On CUDA without the fused kernel (float32, float16) it replaces
+  those per-expert round trips with one host read of the capacity (``dualroute bench lm --device cuda``).
+
+``segment_mm`` is the plain reference both are tested against.
 """
 
 from __future__ import annotations
@@ -85,10 +97,29 @@ class Experts(nn.Module):
         return self.w13 if self.cfg.kind == "swiglu" else self.w1
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        capacity = padded_capacity(x_ND, counts_E)
+        if capacity is not None:
+            return self._forward_padded(x_ND, counts_E, capacity)
         h_NF = grouped_mm(x_ND, self.first_weight(), counts_E, self.b1)
         if self.cfg.kind == "linear":
             return h_NF
         return grouped_mm(self._activate(h_NF), self.w2, counts_E, self.b2)
+
+    def _forward_padded(self, x_ND: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:
+        """``forward`` computed on an ``(E, capacity, D)`` block: expert e's rows at the top of block e.
+
+        The padding rows below start as zeros, are computed with the rest and are never read back, so
+        they add nothing to any gradient. ``capacity`` must be at least ``counts_E.max()``.
+        """
+        E, (N, D) = self.cfg.num_experts, x_ND.shape
+        x_ND, w1, b1, w2, b2 = _compute_dtype(
+            x_ND, self.first_weight(), self.b1, getattr(self, "w2", None), getattr(self, "b2", None))
+        slot_N = pad_slots(counts_E, capacity, N)
+        x_ECD = x_ND.new_zeros(E * capacity, D).index_copy(0, slot_N, x_ND).view(E, capacity, D)
+        h_ECF = batched_mm(x_ECD, w1, b1)
+        y_ECO = h_ECF if self.cfg.kind == "linear" else batched_mm(self._activate(h_ECF), w2, b2)
+        y_RO = y_ECO.reshape(E * capacity, -1)
+        return _TakeRows.apply(y_RO, slot_N) if y_RO.requires_grad else y_RO.index_select(0, slot_N)
 
     def forward_one(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to every row: the plain, loop-free definition (for references)."""
@@ -140,13 +171,7 @@ def grouped_mm(
     and dtype (probed once), else a loop over the contiguous segments. Both skip experts
     that own no rows.
     """
-    device_type = x_ND.device.type
-    if torch.is_autocast_enabled(device_type):  # behave like F.linear under autocast
-        dtype = torch.get_autocast_dtype(device_type)
-        x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
-        b_EF = None if b_EF is None else b_EF.to(dtype)
-    elif x_ND.dtype != w_EDF.dtype:
-        raise TypeError(f"expert input dtype {x_ND.dtype} does not match expert weights {w_EDF.dtype}")
+    x_ND, w_EDF, b_EF = _compute_dtype(x_ND, w_EDF, b_EF)
     # The compiler.disable wrapper costs tens of microseconds a call, so eager code calls the function itself.
     run = _grouped_mm_outside_graph if torch.compiler.is_compiling() else _grouped_mm_eager
     y_NF = run(x_ND, w_EDF, counts_E)
@@ -193,6 +218,110 @@ def segment_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) 
             pieces.append(x_ND[start : start + n] @ w_EDF[e])
             start += n
     return torch.cat(pieces) if pieces else x_ND.new_zeros(0, w_EDF.shape[-1])
+
+
+def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast to autocast's dtype where autocast is on (as ``F.linear`` would); else insist on one dtype."""
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(None if t is None else t.to(dtype) for t in (x_ND, *weights))
+    if weights[0].dtype != x_ND.dtype:
+        raise TypeError(f"expert input dtype {x_ND.dtype} does not match expert weights {weights[0].dtype}")
+    return (x_ND, *weights)
+
+
+# Devices where the padded path may run instead of a loop-backed torch._grouped_mm. Not the CPU: there
+# PyTorch's per-expert loop costs no synchronisation, and one bmm over padded blocks won or lost by up
+# to 20% depending on the shapes (2-core VM, MKL), so the loop stays.
+PADDED_DEVICE_TYPES = ("cuda",)
+# Largest (E * capacity) / N at which the padded path runs: padding rows are computed for nothing.
+PAD_MAX_WASTE = 1.5
+
+
+def padded_capacity(x_ND: torch.Tensor, counts_E: torch.Tensor) -> int | None:
+    """Rows per expert block for ``Experts._forward_padded``, or None where ``grouped_mm`` runs.
+
+    The padded path runs on ``PADDED_DEVICE_TYPES`` when the dtype the experts compute in (autocast's,
+    else the input's) has no fused grouped kernel there, there are E > 1 experts, not under
+    torch.compile, and the padding stays within ``PAD_MAX_WASTE``. It reads ``counts_E.max()`` on the
+    host: one synchronisation, where the loop-backed ``torch._grouped_mm`` would make one per expert.
+    """
+    E, N, device = counts_E.shape[0], x_ND.shape[0], x_ND.device
+    if E == 1 or N == 0 or device.type not in PADDED_DEVICE_TYPES or torch.compiler.is_compiling():
+        return None
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_ND.dtype
+    if has_fused_grouped_mm(device, dtype):
+        return None
+    capacity = int(counts_E.max())
+    return capacity if E * capacity <= PAD_MAX_WASTE * N else None
+
+
+def has_fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` is one fused kernel here (CUDA, bfloat16, compute capability >= 9.0)
+    rather than PyTorch's loop over the groups."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+            and _grouped_mm_works(device, dtype))
+
+
+def pad_slots(counts_E: torch.Tensor, capacity: int, N: int) -> torch.Tensor:
+    """``slot_N[n]``: where sorted row n lives in the flattened ``(E * capacity)`` padded layout."""
+    E = counts_E.shape[0]
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    shift_E = torch.arange(E, device=counts_E.device) * capacity - start_E
+    return torch.arange(N, device=counts_E.device) + torch.repeat_interleave(shift_E, counts_E, output_size=N)
+
+
+def batched_mm(x_ECD: torch.Tensor, w_EDF: torch.Tensor, b_EF: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[e] = x[e] @ w[e] (+ b[e])`` over padded expert blocks."""
+    needs_grad = torch.is_grad_enabled() and (x_ECD.requires_grad or w_EDF.requires_grad)
+    y_ECF = _BatchedMM.apply(x_ECD, w_EDF) if needs_grad else torch.bmm(x_ECD, w_EDF)
+    return y_ECF if b_EF is None else y_ECF + b_EF[:, None, :]
+
+
+class _BatchedMM(torch.autograd.Function):
+    """``torch.bmm`` whose weight gradient comes out in the weight's own memory layout.
+
+    Autograd's bmm derivative returns a row-major ``x^T @ dy``; for out-major (routed) expert weights
+    that gradient would then be copied into the parameter's layout on every step. Here it is computed
+    as ``(dy^T @ x)^T`` for out-major weights, which is the layout the parameter has.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_ECD, w_EDF)
+        return torch.bmm(x_ECD, w_EDF)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ECF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x_ECD, w_EDF = ctx.saved_tensors
+        dx_ECD = torch.bmm(dy_ECF, w_EDF.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dw_EDF = None
+        if ctx.needs_input_grad[1]:
+            if w_EDF.stride(1) == 1:  # out-major memory
+                dw_EDF = torch.bmm(dy_ECF.transpose(1, 2), x_ECD).transpose(1, 2)
+            else:
+                dw_EDF = torch.bmm(x_ECD.transpose(1, 2), dy_ECF)
+        return dx_ECD, dw_EDF
+
+
+class _TakeRows(torch.autograd.Function):
+    """``y_RO.index_select(0, slot_N)`` for distinct slots. Backward writes each row's gradient to its
+    slot with ``index_copy`` and leaves the other rows zero (autograd's own ``index_select`` backward
+    accumulates with ``index_add``, which the distinct slots do not need)."""
+
+    @staticmethod
+    def forward(ctx, y_RO: torch.Tensor, slot_N: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slot_N)
+        ctx.rows = y_RO.shape[0]
+        return y_RO.index_select(0, slot_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_NO: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (slot_N,) = ctx.saved_tensors
+        return dy_NO.new_zeros(ctx.rows, dy_NO.shape[1]).index_copy(0, slot_N, dy_NO), None
 
 
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}

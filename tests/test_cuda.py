@@ -211,6 +211,35 @@ def test_fused_grouped_mm_runs_for_bfloat16_on_hopper(monkeypatch):
     assert x.grad.isfinite().all() and layer.experts.w13.grad.isfinite().all()
 
 
+@pytest.mark.skipif(not ON_CUDA, reason="the padded expert path is chosen on CUDA only")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_padded_experts_on_cuda(monkeypatch, dtype):
+    """float32 (no fused grouped kernel) runs the experts as one padded bmm per matmul; bfloat16 on sm90+
+    keeps torch._grouped_mm. Either way: the loop's output and gradients."""
+    calls = []
+    real = experts._BatchedMM.apply
+    monkeypatch.setattr(experts._BatchedMM, "apply", lambda *a: calls.append(1) or real(*a))
+    ex = experts.Experts(experts.ExpertConfig(dim=16, hidden=24, num_experts=4, bias=True)).to(DEVICE, dtype)
+    counts = [5, 6, 6, 5]
+    gen = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(sum(counts), 16, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+    counts_E = torch.tensor(counts, device=DEVICE)
+    cotangent = torch.randn(sum(counts), 16, generator=gen).to(DEVICE, dtype)
+    params = [x_ND, *ex.parameters()]
+    got = torch.autograd.grad(y := ex(x_ND, counts_E), params, cotangent)
+    fused = experts.has_fused_grouped_mm(DEVICE, dtype)
+    assert len(calls) == (0 if fused else 2)
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        pieces.append(ex.forward_one(e, x_ND[start : start + n]))
+        start += n
+    want_y = torch.cat(pieces)
+    want = torch.autograd.grad(want_y, params, cotangent)
+    assert_close_to_reference(y, want_y.double().cpu(), dtype, "output")
+    for name, g, w in zip(["x", *dict(ex.named_parameters())], got, want):
+        assert_close_to_reference(g, w.double().cpu(), dtype, f"grad {name}")
+
+
 # ------------------------------------------------------------------------------------ language model
 
 

@@ -239,3 +239,81 @@ def test_grouped_mm_no_rows():
 def test_grouped_mm_dtype_mismatch():
     with pytest.raises(TypeError, match="float64"):
         grouped_mm(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(1, 4, 5), torch.tensor([2]))
+
+
+# ------------------------------------------------------------------------- padded batched path
+
+
+def experts_by_loop(ex: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The plain definition: each expert's ``forward_one`` on its own contiguous rows."""
+    pieces, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        pieces.append(ex.forward_one(e, x_ND[start : start + n]))
+        start += n
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts", [[3, 0, 4, 4], [2, 2, 2, 2], [0, 0, 7, 0]], ids=str)
+@pytest.mark.parametrize("in_major", [False, True], ids=["out_major", "in_major"])
+@pytest.mark.parametrize("extra", [0, 2], ids=["tight", "roomy"])
+def test_padded_experts_match_the_loop(kind, bias, counts, in_major, extra):
+    torch.manual_seed(0)
+    ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind=kind, bias=bias)).double()
+    if in_major:  # a loader that assigned plain (E, in, out) tensors: gradients must follow that layout
+        for name, p in list(ex.named_parameters()):
+            setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
+    counts_E = torch.tensor(counts)
+    x_ND = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
+    params = [x_ND, *ex.parameters()]
+    y_NO = ex._forward_padded(x_ND, counts_E, max(counts) + extra)
+    cotangent = torch.randn_like(y_NO)
+    got = torch.autograd.grad(y_NO, params, cotangent)
+    want_y = experts_by_loop(ex, x_ND, counts_E)
+    want = torch.autograd.grad(want_y, params, cotangent)
+    torch.testing.assert_close(y_NO, want_y)
+    for p, g, w in zip(params, got, want):
+        torch.testing.assert_close(g, w)
+        assert g.stride() == p.stride()  # no layout copy when the gradient is accumulated
+    for e in torch.nonzero(counts_E == 0).flatten().tolist():  # an expert without rows: exactly zero
+        assert all(g[e].eq(0).all() for g in got[1:])
+    with torch.no_grad():  # inference skips the autograd.Functions: same numbers
+        torch.testing.assert_close(ex._forward_padded(x_ND, counts_E, max(counts) + extra), want_y)
+
+
+def test_padded_path_choice(monkeypatch):
+    """The padded path runs only on PADDED_DEVICE_TYPES (CUDA) without a fused grouped kernel and with
+    little padding; here the CPU stands in for such a device."""
+    cpu = torch.device("cpu")
+    assert not experts.has_fused_grouped_mm(cpu, torch.bfloat16)
+    ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4))
+    even, skewed = torch.tensor([5, 6, 6, 5]), torch.tensor([1, 1, 1, 19])
+    x_ND = torch.randn(22, 8, requires_grad=True)
+    assert experts.padded_capacity(x_ND, even) is None  # the CPU keeps torch._grouped_mm's loop
+    monkeypatch.setattr(experts, "PADDED_DEVICE_TYPES", ("cpu",))
+    assert experts.padded_capacity(x_ND, even) == 6
+    assert experts.padded_capacity(x_ND, skewed) is None  # 4 * 19 padded rows for 22: too much padding
+    assert experts.padded_capacity(x_ND[:2], torch.tensor([1, 0, 1, 0])) is None  # decode-sized
+    assert experts.padded_capacity(x_ND, torch.tensor([22])) is None  # one expert: a dense FFN
+    calls = []
+    real = experts._BatchedMM.apply
+    monkeypatch.setattr(experts._BatchedMM, "apply", lambda *a: calls.append(1) or real(*a))
+    y = ex(x_ND, even)
+    assert len(calls) == 2  # both matmuls of the swiglu expert, batched
+    torch.testing.assert_close(y, experts_by_loop(ex, x_ND, even), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    torch.testing.assert_close(ex(x_ND, skewed), experts_by_loop(ex, x_ND, skewed), atol=1e-5, rtol=1e-5)
+    assert not calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computes in autocast's dtype, as F.linear would
+        y = ex(x_ND, even)
+        want = experts_by_loop(ex, x_ND, even)
+    assert len(calls) == 2 and y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(TypeError, match="float64"):
+        ex(x_ND.double(), even)
+
+
+def test_pad_slots_place_rows_at_the_top_of_each_block():
+    slot_N = experts.pad_slots(torch.tensor([2, 0, 3, 1]), capacity=3, N=6)
+    assert slot_N.tolist() == [0, 1, 6, 7, 8, 9]

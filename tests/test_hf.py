@@ -166,7 +166,7 @@ def test_drop_in_swap(saved, case):
     for module in swapped.modules():  # the loaded weights keep the routed experts' out-major storage
         if isinstance(module, Experts) and module.cfg.num_experts > 1:
             assert all(w.stride(1) == 1 for w in (module.first_weight(), module.w2))
-    if want.aux_loss is not None:
+    if getattr(want, "aux_loss", None) is not None:
         torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-5, rtol=0)
 
 
