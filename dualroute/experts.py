@@ -210,12 +210,20 @@ def _aligned_for_grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 
 
 def segment_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """The portable path: one matmul per non-empty contiguous segment (one host sync)."""
+    """The portable path: one matmul per non-empty contiguous segment (one host sync).
+
+    The experts' matrices come from one ``unbind`` of the weight in its memory order, whose backward
+    stacks their gradients once, already in the parameter's layout. Indexing ``w_EDF[e]`` per expert
+    would fill a zero ``(E, D, F)`` tensor per expert in backward, and unbinding an out-major weight
+    along its shape would leave a strided copy into the parameter's layout.
+    """
     pieces = []
     start = 0
+    out_major = w_EDF.stride(1) == 1 and w_EDF.shape[1] > 1
+    w_DF = [w.t() for w in w_EDF.transpose(1, 2).unbind(0)] if out_major else w_EDF.unbind(0)
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            pieces.append(x_ND[start : start + n] @ w_EDF[e])
+            pieces.append(x_ND[start : start + n] @ w_DF[e])
             start += n
     return torch.cat(pieces) if pieces else x_ND.new_zeros(0, w_EDF.shape[-1])
 

@@ -163,11 +163,13 @@ SIZES = [(torch.float32, 8, 12), (torch.float32, 6, 7), (torch.float64, 6, 7)]
 @pytest.mark.parametrize("dtype,D,F", SIZES, ids=str)
 @pytest.mark.parametrize("counts", COUNTS, ids=str)
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_mm_matches_segment_and_loop(dtype, D, F, counts, bias):
+@pytest.mark.parametrize("out_major", [False, True], ids=["in_major", "out_major"])
+def test_grouped_mm_matches_segment_and_loop(dtype, D, F, counts, bias, out_major):
     counts_E = torch.tensor(counts)
     N, E = sum(counts), len(counts)
     x_ND = torch.randn(N, D, dtype=dtype, requires_grad=True)
-    w_EDF = torch.randn(E, D, F, dtype=dtype, requires_grad=True)
+    w = torch.randn(E, F, D, dtype=dtype).transpose(1, 2) if out_major else torch.randn(E, D, F, dtype=dtype)
+    w_EDF = w.requires_grad_(True)
     b_EF = torch.randn(E, F, dtype=dtype, requires_grad=True) if bias else None
     inputs = [t for t in (x_ND, w_EDF, b_EF) if t is not None]
     cotangent = torch.randn(N, F, dtype=dtype)
@@ -188,6 +190,8 @@ def test_grouped_mm_matches_segment_and_loop(dtype, D, F, counts, bias):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         empty = counts_E == 0  # experts without rows get exactly zero gradient
         assert grads[1][empty].eq(0).all()
+        if name == "segment":  # the weight gradient comes out in the weight's layout: no copy on accumulation
+            assert grads[1].stride() == w_EDF.stride()
         if bias:
             assert grads[2][empty].eq(0).all()
 
