@@ -85,6 +85,7 @@ class Experts(nn.Module):
             self.w2 = _stacked_weight(E, Fh, O)
             self.b2 = nn.Parameter(torch.zeros(E, O)) if cfg.bias else None
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(_restore_stacked_layout)
 
     def reset_parameters(self) -> None:
         # Same scale as nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -152,6 +153,19 @@ def _stacked_weight(E: int, fan_in: int, fan_out: int) -> nn.Parameter:
     if E == 1:
         return nn.Parameter(torch.empty(E, fan_in, fan_out))
     return nn.Parameter(torch.empty(E, fan_out, fan_in).transpose(1, 2))
+
+
+def _restore_stacked_layout(module: Experts, incompatible_keys) -> None:
+    """After ``load_state_dict(..., assign=True)`` the parameters are the loaded tensors in whatever
+    memory layout they came in; give routed experts' weights back the out-major storage of
+    ``_stacked_weight`` (same values). A plain load copies into the existing storage and changes nothing."""
+    if module.cfg.num_experts == 1:
+        return
+    for name in ("w1", "w13", "w2"):
+        p = getattr(module, name, None)
+        if isinstance(p, nn.Parameter) and p.device.type != "meta" and not (p.stride(1) == 1 or p.shape[1] == 1):
+            stored = p.detach().transpose(1, 2).contiguous().transpose(1, 2)
+            setattr(module, name, nn.Parameter(stored, requires_grad=p.requires_grad))
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -232,6 +232,13 @@ def test_expert_weights_are_stored_out_major(kind):
     copy = Experts(ExpertConfig(dim=8, hidden=16, num_experts=4, kind=kind))
     copy.load_state_dict(ex.state_dict())  # a plain load copies into the parameter: the layout stays
     assert copy.first_weight().stride() == w.stride() and torch.equal(copy.first_weight(), w)
+    plain = {k: v.contiguous() for k, v in ex.state_dict().items()}  # (E, in, out) in memory, as a file holds it
+    with torch.device("meta"):
+        assigned = Experts(ExpertConfig(dim=8, hidden=16, num_experts=4, kind=kind))
+    assigned.load_state_dict(plain, assign=True)  # takes the tensors themselves: the layout is put back
+    for name, p in assigned.named_parameters():
+        assert torch.equal(p, ex.get_parameter(name)) and p.stride() == ex.get_parameter(name).stride()
+        assert p.requires_grad
 
 
 def test_grouped_mm_no_rows():
