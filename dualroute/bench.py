@@ -289,10 +289,15 @@ def run_layer(argv: list[str]) -> int:
 
 
 def lm_train_step(model: nn.Module, idx_BS: torch.Tensor, amp_dtype: torch.dtype | None = None) -> Callable[[], None]:
-    """One optimizer step of a language model: forward, loss (+ aux losses), backward, AdamW.
+    """One optimizer step of a language model: forward, loss (+ aux losses), backward, and the trainer's
+    AdamW (``build_optimizer``, the default ``TrainConfig``'s weight decay and betas).
 
     ``amp_dtype`` (bfloat16, float16): the forward and the loss run under ``torch.autocast`` to it."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    from .train.presets import TrainConfig
+    from .train.trainer import build_optimizer
+
+    t = TrainConfig()
+    optimizer = build_optimizer(model, 1e-3, t.weight_decay, t.betas)
 
     def step() -> None:
         with autocast(idx_BS.device, amp_dtype):

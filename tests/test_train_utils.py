@@ -397,3 +397,68 @@ def test_jsonl_round_trip_and_corrupt_line(tmp_path):
     assert path.read_text().splitlines()[-1] == '{"step": 4}'
     with pytest.raises(TypeError, match="not JSON-serialisable"), JsonlLogger(path) as log:
         log.log({"x": object()})
+
+
+def test_optimizer_is_fused_adamw_with_the_plain_update_rule():
+    from dualroute.train.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    plain_model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    plain_model.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95))
+    assert fused.defaults["fused"]  # the CPU has the fused kernel
+    embedding, linear, norm = plain_model
+    groups = [{"params": [linear.weight], "weight_decay": 0.1},  # only matrices decay
+              {"params": [embedding.weight, linear.bias, *norm.parameters()], "weight_decay": 0.0}]
+    plain = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    idx = torch.randint(0, 10, (16,))
+    for _ in range(3):
+        for m, opt in ((model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            m(idx).pow(2).sum().backward()
+            opt.step()
+    for (name, got), want in zip(model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loaded_optimizer_state_takes_the_parameter_layout():
+    """Moments saved or gathered in another memory layout (an all-gather is contiguous; routed expert
+    weights are out-major) are given the parameter's layout on load, so the fused AdamW step, which walks
+    memory flat, updates each element with its own moments: the same step as the plain implementation."""
+    from dualroute.layer import MoEConfig, MoELayer
+    from dualroute.train.distributed import match_state_layout
+    from dualroute.train.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(dim=8, hidden=12, num_experts=4))
+    x = torch.randn(16, 8)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(x)[0].pow(2).sum().backward()
+        opt.step()
+
+    opt = build_optimizer(layer, 1e-2, 0.1, (0.9, 0.95))
+    step(layer, opt)
+    saved = opt.state_dict()  # as read back from a file: new tensors, here all contiguous
+    saved["state"] = {i: {k: v.clone(memory_format=torch.contiguous_format) for k, v in s.items()}
+                      for i, s in saved["state"].items()}
+    twin = MoELayer(MoEConfig(dim=8, hidden=12, num_experts=4))
+    twin.load_state_dict(layer.state_dict())
+    fused = build_optimizer(twin, 1e-2, 0.1, (0.9, 0.95))
+    fused.load_state_dict(saved)
+    match_state_layout(fused)
+    w13 = twin.experts.w13
+    assert fused.state[w13]["exp_avg"].stride() == w13.stride()
+    # The reference: the plain implementation from the same saved state, on the original layer.
+    same = dict(zip((id(p) for p in twin.parameters()), layer.parameters()))
+    plain = torch.optim.AdamW([{"params": [same[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                               for g in fused.param_groups], lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    plain.load_state_dict({"state": {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()},
+                           "param_groups": [{**g, "fused": None, "foreach": False} for g in saved["param_groups"]]})
+    assert not plain.param_groups[0]["fused"]
+    step(twin, fused)
+    step(layer, plain)
+    for (name, got), want in zip(twin.named_parameters(), layer.parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)

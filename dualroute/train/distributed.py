@@ -85,6 +85,7 @@ class SingleProcess:
                         optimizer_state: dict) -> None:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
+        match_state_layout(optimizer)
 
     def metrics_log(self, path: Path) -> JsonlLogger | _NoLog:
         return JsonlLogger(path)
@@ -162,6 +163,7 @@ class ExpertParallel(SingleProcess):
                         optimizer_state: dict) -> None:
         load_full_state_dict(model, model_state)
         load_full_optimizer_state(model, optimizer, optimizer_state)
+        match_state_layout(optimizer)
 
     def metrics_log(self, path: Path) -> JsonlLogger | _NoLog:
         return JsonlLogger(path) if self.is_main else _NoLog()
@@ -243,3 +245,18 @@ def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) ->
     ranks.barrier()  # train() returns on every rank once the run directory is complete
     if started_here:
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    A loaded state keeps the layout it was saved or gathered in (an all-gather of expert shards is
+    contiguous; routed expert weights are stored out-major), and the fused AdamW kernel walks a
+    parameter and its moments as flat memory, so a moment in another layout would be updated against
+    the wrong elements. The plain implementation does not care; both get the same values here."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -110,7 +110,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW; norms, biases, embeddings and position/class tokens get no weight decay."""
+    """AdamW; norms, biases, embeddings and position/class tokens get no weight decay.
+
+    PyTorch's fused AdamW kernel where the parameters' device and dtype have one (CPU and CUDA, floating
+    point): one pass over each parameter instead of a dozen elementwise ops, which matters most for MoE
+    models, whose total parameters (all of them updated every step) outnumber the active ones. Elsewhere
+    the plain implementation, with the same update rule.
+    """
     skip = set()
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
@@ -122,7 +128,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         else:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def aux_loss(aux: list) -> torch.Tensor | None:
