@@ -155,6 +155,16 @@ def _stacked_weight(E: int, fan_in: int, fan_out: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(E, fan_out, fan_in).transpose(1, 2))
 
 
+def is_out_major(w_EIO: torch.Tensor) -> bool:
+    """Whether a stacked ``(E, in, out)`` weight sits in memory as ``(E, out, in)`` (see ``_stacked_weight``)."""
+    return w_EIO.stride(1) == 1 or w_EIO.shape[1] == 1
+
+
+def out_major(w_EIO: torch.Tensor) -> torch.Tensor:
+    """``w_EIO`` with the out-major storage of routed experts (no copy if it already has it)."""
+    return w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _restore_stacked_layout(module: Experts, incompatible_keys) -> None:
     """After ``load_state_dict(..., assign=True)`` the parameters are the loaded tensors in whatever
     memory layout they came in; give routed experts' weights back the out-major storage of
@@ -163,9 +173,8 @@ def _restore_stacked_layout(module: Experts, incompatible_keys) -> None:
         return
     for name in ("w1", "w13", "w2"):
         p = getattr(module, name, None)
-        if isinstance(p, nn.Parameter) and p.device.type != "meta" and not (p.stride(1) == 1 or p.shape[1] == 1):
-            stored = p.detach().transpose(1, 2).contiguous().transpose(1, 2)
-            setattr(module, name, nn.Parameter(stored, requires_grad=p.requires_grad))
+        if isinstance(p, nn.Parameter) and p.device.type != "meta" and not is_out_major(p):
+            setattr(module, name, nn.Parameter(out_major(p.detach()), requires_grad=p.requires_grad))
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -233,8 +242,7 @@ def segment_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) 
     """
     pieces = []
     start = 0
-    out_major = w_EDF.stride(1) == 1 and w_EDF.shape[1] > 1
-    w_DF = [w.t() for w in w_EDF.transpose(1, 2).unbind(0)] if out_major else w_EDF.unbind(0)
+    w_DF = [w.t() for w in w_EDF.transpose(1, 2).unbind(0)] if is_out_major(w_EDF) else w_EDF.unbind(0)
     for e, n in enumerate(counts_E.tolist()):
         if n:
             pieces.append(x_ND[start : start + n] @ w_DF[e])
@@ -322,7 +330,7 @@ class _BatchedMM(torch.autograd.Function):
         dx_ECD = torch.bmm(dy_ECF, w_EDF.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         dw_EDF = None
         if ctx.needs_input_grad[1]:
-            if w_EDF.stride(1) == 1:  # out-major memory
+            if is_out_major(w_EDF):
                 dw_EDF = torch.bmm(dy_ECF.transpose(1, 2), x_ECD).transpose(1, 2)
             else:
                 dw_EDF = torch.bmm(x_ECD.transpose(1, 2), dy_ECF)

@@ -30,6 +30,10 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 TINY="${GPU_CHECK_TINY:-0}"
 SCALE="${GPU_CHECK_TIMEOUT_SCALE:-1}"
 TAG="${DEVICE%%:*}"  # file-name suffix: cuda or cpu
+if ! [[ "$SCALE" =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_check: GPU_CHECK_TIMEOUT_SCALE must be a positive integer, got '$SCALE'" >&2
+    exit 2
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export GPU_CHECK_DEVICE="$DEVICE"

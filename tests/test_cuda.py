@@ -226,7 +226,8 @@ def test_padded_experts_on_cuda(monkeypatch, dtype):
     counts_E = torch.tensor(counts, device=DEVICE)
     cotangent = torch.randn(sum(counts), 16, generator=gen).to(DEVICE, dtype)
     params = [x_ND, *ex.parameters()]
-    got = torch.autograd.grad(y := ex(x_ND, counts_E), params, cotangent)
+    y = ex(x_ND, counts_E)
+    got = torch.autograd.grad(y, params, cotangent)
     fused = experts.has_fused_grouped_mm(DEVICE, dtype)
     assert len(calls) == (0 if fused else 2)
     pieces, start = [], 0

@@ -255,13 +255,13 @@ def read_moe(t: _Taker, prefix: str, cfg: MoEConfig, model_type: str) -> dict[st
     if t.has(prefix + "experts.gate_up_proj"):
         gate_up = t.take(prefix + "experts.gate_up_proj", (E, 2 * Fh, D), f"({E_}, 2 * {F_}, hidden_size)")
         down = t.take(prefix + "experts.down_proj", (E, D, Fh), f"({E_}, hidden_size, {F_})")
-        state["experts.w13"] = out_major(gate_up.transpose(1, 2))
-        state["experts.w2"] = out_major(down.transpose(1, 2))
+        state["experts.w13"] = gate_up.transpose(1, 2)
+        state["experts.w2"] = down.transpose(1, 2)
     else:
         names = next((n for n in _PER_EXPERT if t.has(f"{prefix}experts.0.{n[0]}.weight")), _PER_EXPERT[-1])
         pairs = [_read_swiglu(t, f"{prefix}experts.{e}.", D, Fh, F_, names) for e in range(E)]
-        state["experts.w13"] = out_major(torch.stack([w13 for w13, _ in pairs]))
-        state["experts.w2"] = out_major(torch.stack([w2 for _, w2 in pairs]))
+        state["experts.w13"] = torch.stack([w13 for w13, _ in pairs])
+        state["experts.w2"] = torch.stack([w2 for _, w2 in pairs])
     if cfg.num_shared_experts:
         width = cfg.shared_hidden or cfg.num_shared_experts * Fh
         key = "shared_expert_intermediate_size" if family.shared_gate else f"n_shared_experts * {F_}"
@@ -270,13 +270,6 @@ def read_moe(t: _Taker, prefix: str, cfg: MoEConfig, model_type: str) -> dict[st
     if cfg.shared_gate:
         state["shared.gate.weight"] = t.take(f"{prefix}{family.shared_gate}.weight", (1, D), "(1, hidden_size)")
     return state
-
-
-def out_major(w_EIO: torch.Tensor) -> torch.Tensor:
-    """``w_EIO`` with the storage routed ``Experts`` use, ``(E, out, in)`` in memory (no copy if it already is).
-
-    Loading with ``assign=True`` keeps the loaded tensor's layout, so the loaders hand over this one."""
-    return w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _read_swiglu(t: _Taker, prefix: str, D: int, Fh: int, width_key: str,
