@@ -20,7 +20,10 @@ used, which is the seed's dense soft mixture ``y = sum_i p_i f_i(x)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -255,16 +258,57 @@ def _top_groups(group_scores_TG: torch.Tensor, group_bias_G: torch.Tensor | None
     return choice_TG.topk(J, dim=-1).indices
 
 
+# Device types where reading a number back costs no synchronisation, so routers check their logits
+# at once even inside ``deferred_finite_checks`` (the error then comes before any more work is done).
+IMMEDIATE_CHECK_DEVICE_TYPES: tuple[str, ...] = ("cpu",)
+
+_pending = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_finite_checks() -> Iterator[None]:
+    """Routers called inside keep their NaN/Inf check on the device; one host read at the end checks them all.
+
+    A router's finite check reads one number back per layer; on a GPU each read waits for all queued
+    work, which dominates decoding a token at a time. The models run their blocks inside this context,
+    so a forward pass makes one such read instead of one per MoE layer, and still raises the same
+    ``ValueError`` (naming the layer) before returning anything computed from the bad logits. On
+    ``IMMEDIATE_CHECK_DEVICE_TYPES`` (the CPU) routers check at once as outside it. Contexts nest.
+    """
+    outer = getattr(_pending, "flags", None)
+    _pending.flags = flags = []
+    try:
+        yield
+    finally:
+        _pending.flags = outer
+    if flags and bool(torch.stack(flags).any()):
+        layer = int(torch.stack(flags).int().argmax())
+        raise ValueError(
+            f"router logits of the MoE layer run {_ordinal(layer)} in this forward pass contain NaN or Inf "
+            "(check the layer input and the router weights for non-finite values)"
+        )
+
+
+def _ordinal(i: int) -> str:
+    n = i + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _check_finite(logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None) -> None:
     # A NaN logit makes topk return arbitrary experts; stop here with a clear message.
-    # One reduction and one host sync per layer (set check_finite=False to skip it): a sum is
-    # NaN or Inf exactly when some term is (finite float32 logits cannot overflow it in practice),
-    # and it is several times cheaper than isfinite().all() on small inputs.
+    # One reduction and one host read per layer (set check_finite=False to skip it; inside
+    # deferred_finite_checks the read is shared by all layers): a sum is NaN or Inf exactly when some
+    # term is (finite float32 logits cannot overflow it in practice), and it is several times cheaper
+    # than isfinite().all() on small inputs.
     total = logits_TE.sum()
     if group_logits_TG is not None:
         total = total + group_logits_TG.sum()
+    flags = getattr(_pending, "flags", None)
     if torch.compiler.is_compiling():
         torch._assert_async(torch.isfinite(total), "dualroute: router logits contain NaN or Inf")
+    elif flags is not None and total.device.type not in IMMEDIATE_CHECK_DEVICE_TYPES:
+        flags.append(~torch.isfinite(total))
     elif not math.isfinite(total.item()):
         raise ValueError(
             "router logits contain NaN or Inf (check the layer input and the router weights for "

@@ -302,6 +302,38 @@ def test_lm_cached_greedy_generation_equals_recomputation():
     assert torch.equal(cached[:, 5:], logits[:, 4:].argmax(-1))
 
 
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA-only: on the CPU the routers check at once, a host read there costs nothing")
+def test_routers_inside_a_model_do_not_synchronise_and_a_nan_still_raises():
+    """Inside ``deferred_finite_checks`` a router's NaN check stays on the device (no host read per layer); the
+    one read at the end of the context still raises for a NaN router."""
+    from dualroute.routing import deferred_finite_checks
+
+    layer = routed_layer(8, 2).to(DEVICE)
+    x = torch.randn(16, 8, device=DEVICE)
+    torch.cuda.synchronize()
+    with deferred_finite_checks():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer.router(x)
+            layer.router(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # outside the context the check reads the sum back at once
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            layer.router(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    bad = routed_layer(8, 2, seed=1).to(DEVICE)
+    with torch.no_grad():
+        bad.router.gate.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="MoE layer run 2nd"):
+        with deferred_finite_checks():
+            layer.router(x)
+            bad.router(x)
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dualroute import routing
 from dualroute.layer import MoEAux, MoEConfig, MoELayer
 from dualroute.models import (ImageConfig, KVCache, LMConfig, ModelOutput, TransformerLM, ViTClassifier,
                               dense_twin, flops_per_token, param_counts)
+from dualroute.routing import deferred_finite_checks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,3 +272,71 @@ def test_vit_input_errors():
         model(torch.randn(8, 8))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------ NaN checks
+# On a GPU the routers' NaN/Inf checks inside a model share one host read at the end of the forward pass
+# (routing.deferred_finite_checks). The CPU checks at once; emptying IMMEDIATE_CHECK_DEVICE_TYPES runs
+# the deferred path here.
+
+
+@pytest.fixture
+def deferred_on_cpu(monkeypatch):
+    monkeypatch.setattr(routing, "IMMEDIATE_CHECK_DEVICE_TYPES", ())
+
+
+def _poison_router(layer: MoELayer) -> None:
+    with torch.no_grad():
+        layer.router.gate.weight[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu_immediate", "deferred"])
+def test_lm_with_a_nan_router_raises(request, deferred):
+    if deferred:
+        request.getfixturevalue("deferred_on_cpu")
+    model = tiny_lm()  # MoE on blocks 1 and 3
+    _poison_router(model.blocks[3].ffn)
+    want = "MoE layer run 2nd in this forward pass contain NaN or Inf" if deferred else "router logits contain NaN"
+    with pytest.raises(ValueError, match=want):
+        model(torch.randint(0, 32, (2, 5)))
+    assert getattr(routing._pending, "flags", None) is None  # the context cleaned up after itself
+
+
+def test_deferred_router_check_waits_for_the_end_of_the_context(deferred_on_cpu):
+    layer = MoELayer(moe_cfg(8))
+    _poison_router(layer)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="MoE layer run 1st"):
+        with deferred_finite_checks():
+            layer(x)  # no raise here: the flag stays on the device
+            reached = True
+    assert reached
+    with pytest.raises(ValueError, match="router logits contain NaN"):  # outside a context: at once
+        layer(x)
+
+
+def test_deferred_checks_nest_and_an_error_inside_wins(deferred_on_cpu):
+    bad, good = MoELayer(moe_cfg(8)), MoELayer(moe_cfg(8))
+    _poison_router(bad)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="run 2nd"):
+        with deferred_finite_checks():
+            good(x)
+            with pytest.raises(ValueError, match="run 1st"):  # the inner context holds only its own layers
+                with deferred_finite_checks():
+                    bad(x)
+            bad(x)
+    with pytest.raises(KeyError):  # an exception from the body is not replaced by the check
+        with deferred_finite_checks():
+            bad(x)
+            raise KeyError("body")
+    assert getattr(routing._pending, "flags", None) is None
+
+
+def test_vit_with_a_nan_router_raises(deferred_on_cpu):
+    cfg = ImageConfig(image_size=8, channels=1, patch_size=2, dim=32, n_layers=3, n_heads=2, ffn_hidden=48,
+                      moe=moe_cfg(32), moe_every=2)
+    model = ViTClassifier(cfg)
+    _poison_router(model.blocks[0].ffn)
+    with pytest.raises(ValueError, match="MoE layer run 1st"):
+        model(torch.randn(2, 1, 8, 8))

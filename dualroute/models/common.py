@@ -16,6 +16,7 @@ from torch import nn
 
 from ..experts import Experts
 from ..layer import DenseFFN, MoEAux, MoEConfig, MoELayer
+from ..routing import deferred_finite_checks
 from .blocks import SelfAttention
 
 C = TypeVar("C")
@@ -33,12 +34,14 @@ class ModelOutput:
 def run_decoder_blocks(blocks: nn.ModuleList, x_BSD: torch.Tensor, rope: Any, cache: Any
                        ) -> tuple[torch.Tensor, list[MoEAux]]:
     """Run a decoder's blocks in order (each ``block(x, rope, cache) -> (x, aux or None)``), collect the
-    MoE layers' aux results, and advance the KV cache by the sequence length."""
+    MoE layers' aux results, and advance the KV cache by the sequence length. The routers' NaN/Inf
+    checks share one host read (``deferred_finite_checks``)."""
     aux: list[MoEAux] = []
-    for block in blocks:
-        x_BSD, block_aux = block(x_BSD, rope, cache)
-        if block_aux is not None:
-            aux.append(block_aux)
+    with deferred_finite_checks():
+        for block in blocks:
+            x_BSD, block_aux = block(x_BSD, rope, cache)
+            if block_aux is not None:
+                aux.append(block_aux)
     if cache is not None:
         cache.pos += x_BSD.shape[1]
     return x_BSD, aux

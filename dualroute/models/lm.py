@@ -168,7 +168,7 @@ class TransformerLM(nn.Module):
         if idx_BS.dim() != 2 or idx_BS.shape[1] == 0:
             raise ValueError(f"token ids must have shape (B, S) with S >= 1, got {tuple(idx_BS.shape)}")
         B, S = idx_BS.shape
-        lo, hi = int(idx_BS.min()), int(idx_BS.max())
+        lo, hi = torch.stack(torch.aminmax(idx_BS)).tolist()  # one host read (a GPU synchronisation)
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={self.cfg.vocab_size}), got min {lo}, max {hi}")
         start = 0 if cache is None else cache.pos

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..layer import MoEAux, MoEConfig
+from ..routing import deferred_finite_checks
 from .blocks import Block
 from .common import ModelOutput, build_ffn, check_dropout, check_moe, check_positive_ints, replace_moe_with_dense
 
@@ -87,10 +88,11 @@ class ViTClassifier(nn.Module):
         cls_B1D = self.cls_token_11D.expand(x_BPD.shape[0], -1, -1)
         x_BSD = self.drop(torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_emb_1SD)
         aux: list[MoEAux] = []
-        for block in self.blocks:
-            x_BSD, block_aux = block(x_BSD)
-            if block_aux is not None:
-                aux.append(block_aux)
+        with deferred_finite_checks():  # the routers' NaN/Inf checks share one host read
+            for block in self.blocks:
+                x_BSD, block_aux = block(x_BSD)
+                if block_aux is not None:
+                    aux.append(block_aux)
         logits_BY = self.head(self.norm(x_BSD[:, 0])).float()
         return ModelOutput(logits_BY, aux)
 
