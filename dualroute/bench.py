@@ -441,6 +441,77 @@ def run_lm(argv: list[str]) -> int:
     return 0
 
 
+def run_generate(argv: list[str]) -> int:
+    """``dualroute bench generate``: per-token latency of KV-cache greedy decoding, MoE presets against their
+    dense twin. Off the CPU each MoE preset is also timed with its routers' NaN checks read back per layer, as
+    they were before ``deferred_finite_checks`` (one read per forward pass)."""
+    from . import routing
+    from .models import TransformerLM
+    from .train.presets import get_preset, override
+
+    p = argparse.ArgumentParser(prog="dualroute bench generate", description=run_generate.__doc__)
+    p.add_argument("--presets", default="lm-dense,lm-dual")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--prompt", type=int, default=8, help="prompt tokens (batch of one)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu only)")
+    add_device_options(p, "weights (default float32)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=1024")
+    args = p.parse_args(argv)
+    for name in ("new_tokens", "prompt", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    names = [n for n in args.presets.split(",") if n]
+    if not names:
+        p.error("--presets names no preset")
+    configs = {n: override(get_preset(n), args.overrides).model for n in names}
+    for name, cfg in configs.items():
+        if args.prompt + args.new_tokens > cfg.max_seq_len:
+            p.error(f"--prompt + --new-tokens = {args.prompt + args.new_tokens} exceeds {name}'s max_seq_len "
+                    f"({cfg.max_seq_len})")
+
+    def decode(model: nn.Module, prompt: torch.Tensor, immediate: bool) -> Callable[[], None]:
+        def step() -> None:
+            saved = routing.IMMEDIATE_CHECK_DEVICE_TYPES
+            if immediate:
+                routing.IMMEDIATE_CHECK_DEVICE_TYPES = saved + (args.device.type,)
+            try:
+                with torch.no_grad():
+                    model.generate(prompt, args.new_tokens, temperature=0)
+            finally:
+                routing.IMMEDIATE_CHECK_DEVICE_TYPES = saved
+        return step
+
+    gen = torch.Generator().manual_seed(0)
+    contenders = []
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = TransformerLM(cfg).to(args.device, args.dtype).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=gen).to(args.device)
+        contenders.append(Contender(name, decode(model, prompt, False)))
+        if cfg.moe is not None and args.device.type not in routing.IMMEDIATE_CHECK_DEVICE_TYPES:
+            contenders.append(Contender(f"{name} (check per layer)", decode(model, prompt, True)))
+    medians = time_alternating(contenders, args.repeats, warmup=1, sync=synchronizer(args.device))
+    per_token = {name: seconds / args.new_tokens for name, seconds in medians.items()}
+    base = names[0]
+    print(f"dualroute bench generate: {args.new_tokens} greedy tokens after a {args.prompt}-token prompt, batch 1, "
+          f"{dtype_name(args.dtype)}, {describe_device(args.device, args.threads)}, median of {args.repeats}")
+    for name, seconds in per_token.items():
+        print(f"  {name:32s} {seconds * 1e3:8.3f} ms/token  / {base} {seconds / per_token[base]:.3f}")
+    if args.json:
+        result = {"setup": {"presets": names, "overrides": args.overrides, "dtype": dtype_name(args.dtype),
+                            "new_tokens": args.new_tokens, "prompt": args.prompt,
+                            **device_setup(args.device, args.threads), "torch": torch.__version__},
+                  "seconds_per_token": per_token}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
@@ -448,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = {  # module:function, imported only when asked for
         "layer": "dualroute.bench:run_layer",
         "lm": "dualroute.bench:run_lm",
+        "generate": "dualroute.bench:run_generate",
         "balance": "dualroute.balance_bench:main",
         "hf": "dualroute.interop.bench_hf:main",
         "ep": "dualroute.parallel.bench_ep:main",

@@ -6,7 +6,7 @@
 #
 # Steps: nvidia-smi; versions, installed packages and which grouped-matmul kernels dualroute can use;
 # tests/test_cuda.py; the CPU test suite (checks this torch / Python; pytest-xdist if installed, else one
-# process per test file, 8 at a time); bench layer, bench hf and bench lm on the GPU.
+# process per test file, 8 at a time); bench layer, bench hf, bench lm and bench generate on the GPU.
 # Every step runs under `timeout` (all limits together: under 7 minutes); a failing step does not stop
 # the others; the exit status is 1 if any step failed or timed out. Everything printed also goes to
 # $OUT/gpu_check.log; the benchmarks write their JSON results next to it.
@@ -157,11 +157,12 @@ main() {
     local layer=(--tokens 16384 --dim 1024 --hidden 2048)
     local hf=(--tokens 1,16,256,4096,16384 --dim 2048 --hidden 4096 --experts 8 --top-k 2 --budget 2
               --batched-mm-max-gib 8)
-    local lm=()
+    local lm=() generate=()
     if [ "$TINY" = 1 ]; then
         layer=(--tokens 64 --dim 16 --hidden 32 --repeats 1 --decode-repeats 2 --threads 2)
         hf=(--tokens 1,16 --dim 16 --hidden 32 --experts 4 --top-k 2 --budget 0.05 --peak-size 64)
         lm=(--repeats 1 model.n_layers=1 train.batch_size=2 train.seq_len=8)
+        generate=(--repeats 1 --new-tokens 2 model.n_layers=1)
     fi
     step "bench layer bf16" 40 "$PY" -m dualroute bench layer --device "$DEVICE" --dtype bfloat16 "${layer[@]}" \
         --json "$OUT/bench_layer_${TAG}.json"
@@ -171,6 +172,8 @@ main() {
         --json "$OUT/bench_lm_${TAG}_float32.json" "${lm[@]}"
     step "bench lm bf16" 15 "$PY" -m dualroute bench lm --device "$DEVICE" --dtype bfloat16 \
         --json "$OUT/bench_lm_${TAG}_bfloat16.json" "${lm[@]}"
+    step "bench generate" 25 "$PY" -m dualroute bench generate --device "$DEVICE" \
+        --json "$OUT/bench_generate_${TAG}.json" "${generate[@]}"
 
     echo
     echo "=== summary ($SECONDS s in all)"

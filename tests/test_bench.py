@@ -1,4 +1,4 @@
-"""The layer, LM and HF benchmarks run end to end on tiny sizes and report what they claim (no timing asserts);
+"""The layer, LM, generation and HF benchmarks run end to end on tiny sizes and report what they claim (no timing asserts);
 ``--device`` / ``--dtype`` reach the setup and the header, and bad values are usage errors naming them."""
 
 import json
@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dualroute.bench import Contender, lm_train_step, run_layer, run_lm, synchronizer, time_alternating
+from dualroute import routing
+from dualroute.bench import (Contender, lm_train_step, run_generate, run_layer, run_lm, synchronizer,
+                             time_alternating)
 from dualroute.interop import bench_hf
 
 STAGES = {"dense_ffn", "moe_layer", "router", "plan", "dispatch", "experts", "combine", "aux"}
@@ -43,6 +45,47 @@ def test_bench_lm_rejects_bad_arguments(argv, capsys):
         run_lm(argv)
     assert info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+
+TINY_LM = ["model.n_layers=1", "model.dim=16", "model.n_heads=2"]
+
+
+def test_bench_generate(tmp_path, capsys, one_thread):
+    out = tmp_path / "generate.json"
+    assert run_generate(["--new-tokens", "3", "--prompt", "2", "--repeats", "1", "--threads", "1", "--json", str(out),
+                         *TINY_LM]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_token"]) == {"lm-dense", "lm-dual"}  # the CPU checks at once: no A/B row
+    assert result["setup"]["new_tokens"] == 3 and result["setup"]["device"] == "cpu"
+    assert "ms/token" in capsys.readouterr().out
+
+
+def test_bench_generate_times_the_per_layer_check_where_reads_are_not_free(monkeypatch, one_thread):
+    monkeypatch.setattr(routing, "IMMEDIATE_CHECK_DEVICE_TYPES", ())  # as on a GPU
+    seen = []
+    real = routing._check_finite
+
+    def spy(*args):
+        seen.append(routing.IMMEDIATE_CHECK_DEVICE_TYPES)
+        return real(*args)
+
+    monkeypatch.setattr(routing, "_check_finite", spy)
+    assert run_generate(["--new-tokens", "2", "--prompt", "2", "--repeats", "1", "--threads", "1", *TINY_LM]) == 0
+    assert set(seen) == {(), ("cpu",)}  # deferred and per-layer contenders both ran
+    assert routing.IMMEDIATE_CHECK_DEVICE_TYPES == ()  # restored after each step
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+    (["--prompt", "100", "--new-tokens", "29"], "--prompt + --new-tokens = 129 exceeds lm-dense's max_seq_len (128)"),
+    (["--presets", ","], "--presets names no preset"),
+])
+def test_bench_generate_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_generate(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ --device / --dtype
@@ -105,7 +148,7 @@ BAD_DEVICE_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("run", [run_layer, run_lm, bench_hf.main], ids=["layer", "lm", "hf"])
+@pytest.mark.parametrize("run", [run_layer, run_lm, run_generate, bench_hf.main], ids=["layer", "lm", "generate", "hf"])
 @pytest.mark.parametrize("argv,message", BAD_DEVICE_ARGS)
 def test_bad_device_or_dtype_is_a_usage_error(run, argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -116,7 +159,7 @@ def test_bad_device_or_dtype_is_a_usage_error(run, argv, message, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-@pytest.mark.parametrize("run", [run_layer, run_lm, bench_hf.main], ids=["layer", "lm", "hf"])
+@pytest.mark.parametrize("run", [run_layer, run_lm, run_generate, bench_hf.main], ids=["layer", "lm", "generate", "hf"])
 def test_cuda_without_cuda_is_a_usage_error(run, capsys):
     with pytest.raises(SystemExit) as info:
         run(["--device", "cuda"])
