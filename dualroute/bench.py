@@ -294,7 +294,7 @@ def lm_train_step(model: nn.Module, idx_BS: torch.Tensor, amp_dtype: torch.dtype
 
     ``amp_dtype`` (bfloat16, float16): the forward and the loss run under ``torch.autocast`` to it."""
     from .train.presets import TrainConfig
-    from .train.trainer import build_optimizer
+    from .train.optim import build_optimizer
 
     t = TrainConfig()
     optimizer = build_optimizer(model, 1e-3, t.weight_decay, t.betas)

@@ -400,7 +400,7 @@ def test_jsonl_round_trip_and_corrupt_line(tmp_path):
 
 
 def test_optimizer_is_fused_adamw_with_the_plain_update_rule():
-    from dualroute.train.trainer import build_optimizer
+    from dualroute.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
@@ -427,8 +427,7 @@ def test_loaded_optimizer_state_takes_the_parameter_layout():
     weights are out-major) are given the parameter's layout on load, so the fused AdamW step, which walks
     memory flat, updates each element with its own moments: the same step as the plain implementation."""
     from dualroute.layer import MoEConfig, MoELayer
-    from dualroute.train.distributed import match_state_layout
-    from dualroute.train.trainer import build_optimizer
+    from dualroute.train.optim import build_optimizer, match_state_layout
 
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(dim=8, hidden=12, num_experts=4))

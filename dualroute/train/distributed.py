@@ -41,6 +41,7 @@ from dualroute.parallel import (apply_expert_parallel, clip_grad_norm_, data_par
 from dualroute.parallel.comm import check_same_on_all_ranks, collective_device
 from dualroute.train.checkpoint import latest_checkpoint
 from dualroute.train.metrics_log import JsonlLogger
+from dualroute.train.optim import match_state_layout
 from dualroute.train.presets import RunConfig, run_config_to_dict
 
 T = TypeVar("T")
@@ -245,18 +246,3 @@ def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) ->
     ranks.barrier()  # train() returns on every rank once the run directory is complete
     if started_here:
         dist.destroy_process_group()
-
-
-@torch.no_grad()
-def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give every per-parameter state tensor (Adam's moments) its parameter's memory layout.
-
-    A loaded state keeps the layout it was saved or gathered in (an all-gather of expert shards is
-    contiguous; routed expert weights are stored out-major), and the fused AdamW kernel walks a
-    parameter and its moments as flat memory, so a moment in another layout would be updated against
-    the wrong elements. The plain implementation does not care; both get the same values here."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)

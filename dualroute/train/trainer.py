@@ -46,6 +46,7 @@ from dualroute.train.checkpoint import (
 from dualroute.train.configio import config_to_dict
 from dualroute.train.distributed import SingleProcess, launch
 from dualroute.train.metrics_log import JsonlLogger, read_jsonl
+from dualroute.train.optim import build_optimizer
 from dualroute.train.presets import RunConfig, run_config_from_dict, run_config_to_dict
 from dualroute.train.schedule import warmup_cosine_scheduler
 from dualroute.train.tasks import EvalResult, LMTask, make_task, tokenizer_from_record, tokenizer_record
@@ -107,31 +108,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW; norms, biases, embeddings and position/class tokens get no weight decay.
-
-    PyTorch's fused AdamW kernel where the parameters' device and dtype have one (CPU and CUDA, floating
-    point): one pass over each parameter instead of a dozen elementwise ops, which matters most for MoE
-    models, whose total parameters (all of them updated every step) outnumber the active ones. Elsewhere
-    the plain implementation, with the same update rule.
-    """
-    skip = set()
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
-            skip.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or id(p) in skip or "pos_emb" in name or "cls_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def aux_loss(aux: list) -> torch.Tensor | None:
