@@ -189,10 +189,12 @@ def _device(overrides: list[str]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.trainer import expert_report, resolve_device
+    from dualroute.train.trainer import expert_report, precision_autocast, resolve_device
 
     task, model, ckpt = _load(args.path, overrides)
-    result = task.evaluate(model, resolve_device(_device(overrides)))
+    device = resolve_device(_device(overrides))
+    with precision_autocast(device, task.run_config.train.precision):
+        result = task.evaluate(model, device)
     print(f"checkpoint {ckpt.path} (step {ckpt.extra.get('step')})")
     for key, value in result.metrics.items():
         print(f"{key} {value:.4f}")
@@ -203,12 +205,14 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from dualroute.train.tasks import LMTask
+    from dualroute.train.trainer import precision_autocast, resolve_device
 
     task, model, _ = _load(args.path, overrides)
     if not isinstance(task, LMTask):
         raise UsageError(f"{args.path} is an image classifier; generate needs a language-model checkpoint")
-    text = task.sample(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed)
+    with precision_autocast(resolve_device(_device(overrides)), task.run_config.train.precision):
+        text = task.sample(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed)
     print(text)
     return 0
 

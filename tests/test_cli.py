@@ -57,6 +57,25 @@ def test_generate_continues_the_prompt(run_dir, capsys):
     assert capsys.readouterr().out == first  # seeded
 
 
+
+def test_eval_and_generate_run_under_the_runs_precision(run_dir, monkeypatch, capsys):
+    from dualroute.train import trainer
+
+    used = []
+    real = trainer.precision_autocast
+
+    def spy(device, precision):
+        used.append(precision)
+        return real(device, precision)
+
+    monkeypatch.setattr(trainer, "precision_autocast", spy)
+    assert main(["eval", str(run_dir), "train.eval_batches=1"]) == 0
+    assert main(["eval", str(run_dir), "train.eval_batches=1", "train.precision=bfloat16"]) == 0
+    assert main(["generate", str(run_dir), "--prompt", "Py", "--max-new-tokens", "2", "train.precision=bfloat16"]) == 0
+    assert used == ["float32", "bfloat16", "bfloat16"]
+    assert "val_loss" in capsys.readouterr().out
+
+
 def test_compare_writes_table_and_png(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--presets", "digits-dense,digits-dual", "--seeds", "0,1", "--steps", "3", "--out", str(out),

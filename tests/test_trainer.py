@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from dualroute.models import ImageConfig, LMConfig, param_counts
+from dualroute.models import ImageConfig, LMConfig, TransformerLM, param_counts
 from dualroute.train import checkpoint as ckpt
 from dualroute.train.metrics_log import read_jsonl
 from dualroute.train.presets import (
     PRESETS,
     RunConfig,
+    TrainConfig,
     get_preset,
     override,
     run_config_from_dict,
@@ -75,6 +77,7 @@ def test_overrides_reach_nested_and_union_typed_fields():
     (["train.steps=0"], "train.steps must be >= 1"),
     (["data.kind=digits"], "needs an image model"),
     (["train.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["train.precision=float16"], "'float16' as Literal\\['float32', 'bfloat16'\\]"),
 ])
 def test_bad_overrides_raise(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -106,9 +109,11 @@ def test_image_run_reports_accuracy(tmp_path):
     assert 0.0 <= summary.metrics["val_acc"] <= 1.0 and summary.unit == "images" and summary.sample is None
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_resume_is_exact(tmp_path, monkeypatch, precision):
     """4 straight steps == 2 steps, a crash, and a resume for 2 more: same losses, same weights."""
-    extra = ("train.steps=4", "train.save_every=2", "train.eval_every=3", "model.dropout=0.1")
+    extra = ("train.steps=4", "train.save_every=2", "train.eval_every=3", "model.dropout=0.1",
+             f"train.precision={precision}")
     train(tiny_lm(tmp_path / "straight", *extra), progress=False)
 
     step = Trainer.train_step
@@ -131,6 +136,34 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert a.model_state.keys() == b.model_state.keys()
     for name in a.model_state:
         assert torch.equal(a.model_state[name], b.model_state[name]), name
+
+
+
+def test_train_config_rejects_float16_with_the_reason():
+    with pytest.raises(ValueError, match="got 'float16' \\(float16 would need loss scaling\\)"):
+        TrainConfig(precision="float16")
+
+
+def test_bfloat16_precision_runs_forward_passes_under_autocast(tmp_path, monkeypatch):
+    """train.precision=bfloat16: training, evaluation and the summary's sample run their forward passes in
+    bfloat16 (a Linear's output dtype shows it); the weights and their gradients stay float32."""
+    seen: dict[str, set] = {}
+    forward = TransformerLM.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        phase = "train" if self.training else "eval"
+        seen.setdefault(phase, set()).add(self.blocks[0].attn.qkv(self.tok_emb(args[0][:, :1])).dtype)
+        return out
+
+    monkeypatch.setattr(TransformerLM, "forward", spy)
+    trainer = Trainer(tiny_lm(tmp_path, "train.steps=2", "train.precision=bfloat16"), progress=False)
+    summary = trainer.fit()
+    assert seen == {"train": {torch.bfloat16}, "eval": {torch.bfloat16}}  # eval: validation and the sample
+    assert math.isfinite(summary.metrics["val_loss"]) and summary.sample
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    state = ckpt.load_checkpoint(tmp_path / "ckpt-00000002").optimizer_state["state"]
+    assert all(v.dtype == torch.float32 for s in state.values() for v in s.values() if v.ndim > 0)
 
 
 def test_crash_during_save_keeps_last_checkpoint(tmp_path, monkeypatch):

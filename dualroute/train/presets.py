@@ -60,6 +60,9 @@ class TrainConfig:
     balance_bias_rate: float = 1e-3  # correction-bias update rate (aux-loss-free balancing), if enabled
     out_dir: str = "runs/lm-dual"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # bfloat16: forward passes and the loss under torch.autocast to bfloat16 (training, evaluation and the
+    # summary's sample); weights, gradients and the optimizer state stay float32, routing math too.
+    precision: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = None  # torch CPU threads; None = torch's default
     dist_timeout_s: float = 300.0  # expert parallelism: a collective waiting longer than this fails (dead peer)
 
@@ -82,6 +85,9 @@ class TrainConfig:
                              f"{self.weight_decay}, {self.grad_clip}, {self.balance_bias_rate}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be in [0, 1), got {self.betas}")
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(f"train.precision must be 'float32' or 'bfloat16', got {self.precision!r}"
+                             + (" (float16 would need loss scaling)" if self.precision == "float16" else ""))
         if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
             raise ValueError(f"train.dist_timeout_s must be finite and > 0, got {self.dist_timeout_s}")
         if self.threads is not None and self.threads < 1:

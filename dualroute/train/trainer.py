@@ -104,6 +104,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def precision_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """``train.precision``'s autocast for forward passes (a no-op context for float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -254,9 +259,10 @@ class Trainer:
             batch = self.task.train_batch(self.data_rng)  # the global batch: the same on every rank
             units += self.task.units(batch)
             x, y = (v.to(self.device) for v in self.ranks.my_rows(batch))  # this rank's share
-            out = self.model(x)
-            loss = self.task.loss(out, (x, y))
-            extra = aux_loss(out.aux)
+            with self.autocast():
+                out = self.model(x)
+                loss = self.task.loss(out, (x, y))
+                extra = aux_loss(out.aux)
             ((loss if extra is None else loss + extra) / n).backward()
             loss_sum = loss_sum + loss.detach()
             aux_sum = aux_sum if extra is None else aux_sum + extra.detach()
@@ -264,8 +270,12 @@ class Trainer:
         return (loss_sum / n).item(), (aux_sum / n).item(), units, aux, len(out.aux)
 
     def evaluate(self) -> EvalResult:
-        self.last_eval = self.task.evaluate(self.model, self.device)
+        with self.autocast():
+            self.last_eval = self.task.evaluate(self.model, self.device)
         return self.last_eval
+
+    def autocast(self) -> torch.autocast:
+        return precision_autocast(self.device, self.cfg.train.precision)
 
     # -------------------------------------------------------------------------------- run
 
@@ -334,7 +344,8 @@ class Trainer:
             tokens *= self.cfg.train.seq_len
         sample = None
         if isinstance(self.task, LMTask) and self.task.tokenizer is not None:
-            sample = self.task.sample(self.model, SAMPLE_PROMPT, SAMPLE_TOKENS, seed=self.cfg.train.seed)
+            with self.autocast():
+                sample = self.task.sample(self.model, SAMPLE_PROMPT, SAMPLE_TOKENS, seed=self.cfg.train.seed)
         result = self.last_eval
         return Summary(
             out_dir=str(self.out_dir), steps=self.step, metrics=result.metrics,
