@@ -349,6 +349,11 @@ def layer_parts(moe_cfg: MoEConfig, T: int, repeats: int, seed: int = 0, device:
 
     def forward_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor | None = None) -> Callable[[], None]:
         def step() -> None:
+            # Drop last round's gradients, as zero_grad would: accumulating into them would time an add
+            # that a training step does not make (the stage inputs stand for activations).
+            layer.zero_grad(set_to_none=True)
+            for leaf in (x_ND, w_TK, xg_TD):
+                leaf.grad = None
             with autocast(device, amp_dtype):
                 out = forward()
             out.backward(grad)
