@@ -448,8 +448,11 @@ def run_lm(argv: list[str]) -> int:
 
 def run_generate(argv: list[str]) -> int:
     """``dualroute bench generate``: per-token latency of KV-cache greedy decoding, MoE presets against their
-    dense twin. Off the CPU each MoE preset is also timed with its routers' NaN checks read back per layer, as
-    they were before ``deferred_finite_checks`` (one read per forward pass)."""
+    dense twin. Each MoE preset is also timed as it ran before this project's decoding changes, in the same
+    process: off the CPU with its routers' NaN checks read back per layer (``deferred_finite_checks`` makes
+    one read per forward pass); on the CPU through the sort-based dispatch (``MoELayer._route_direct`` runs
+    a handful of rows' experts directly)."""
+    from . import layer as layer_mod
     from . import routing
     from .models import TransformerLM
     from .train.presets import get_preset, override
@@ -478,16 +481,20 @@ def run_generate(argv: list[str]) -> int:
             p.error(f"--prompt + --new-tokens = {args.prompt + args.new_tokens} exceeds {name}'s max_seq_len "
                     f"({cfg.max_seq_len})")
 
-    def decode(model: nn.Module, prompt: torch.Tensor, immediate: bool) -> Callable[[], None]:
+    direct = args.device.type in layer_mod.DIRECT_DEVICE_TYPES
+    before = "sort-based dispatch" if direct else "check per layer"
+
+    def decode(model: nn.Module, prompt: torch.Tensor, as_before: bool) -> Callable[[], None]:
         def step() -> None:
-            saved = routing.IMMEDIATE_CHECK_DEVICE_TYPES
-            if immediate:
-                routing.IMMEDIATE_CHECK_DEVICE_TYPES = saved + (args.device.type,)
+            saved = routing.IMMEDIATE_CHECK_DEVICE_TYPES, layer_mod.DIRECT_MAX_ROWS
+            if as_before and direct:
+                layer_mod.DIRECT_MAX_ROWS = 0
+            elif as_before:
+                routing.IMMEDIATE_CHECK_DEVICE_TYPES = saved[0] + (args.device.type,)
             try:
-                with torch.no_grad():
-                    model.generate(prompt, args.new_tokens, temperature=0)
+                model.generate(prompt, args.new_tokens, temperature=0)
             finally:
-                routing.IMMEDIATE_CHECK_DEVICE_TYPES = saved
+                routing.IMMEDIATE_CHECK_DEVICE_TYPES, layer_mod.DIRECT_MAX_ROWS = saved
         return step
 
     gen = torch.Generator().manual_seed(0)
@@ -497,8 +504,8 @@ def run_generate(argv: list[str]) -> int:
         model = TransformerLM(cfg).to(args.device, args.dtype).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=gen).to(args.device)
         contenders.append(Contender(name, decode(model, prompt, False)))
-        if cfg.moe is not None and args.device.type not in routing.IMMEDIATE_CHECK_DEVICE_TYPES:
-            contenders.append(Contender(f"{name} (check per layer)", decode(model, prompt, True)))
+        if cfg.moe is not None:
+            contenders.append(Contender(f"{name} ({before})", decode(model, prompt, True)))
     medians = time_alternating(contenders, args.repeats, warmup=1, sync=synchronizer(args.device))
     per_token = {name: seconds / args.new_tokens for name, seconds in medians.items()}
     base = names[0]

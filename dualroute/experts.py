@@ -123,14 +123,18 @@ class Experts(nn.Module):
         return _TakeRows.apply(y_RO, slot_N) if y_RO.requires_grad else y_RO.index_select(0, slot_N)
 
     def forward_one(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` applied to every row: the plain, loop-free definition (for references)."""
-        h = x_TD @ self.first_weight()[e]
-        if self.b1 is not None:  # cast: under autocast h is in the autocast dtype, as F.linear's would be
-            h = h + self.b1[e].to(h.dtype)
+        """Expert ``e`` applied to every row: the plain, loop-free definition (references, dense FFNs, and
+        the layer's direct path for a handful of rows). Dtypes as in ``forward``: autocast's where it is on,
+        else input and weights must agree (TypeError)."""
+        mine = (None if w is None else w[e] for w in (self.b1, getattr(self, "w2", None), getattr(self, "b2", None)))
+        x_TD, w1, b1, w2, b2 = _compute_dtype(x_TD, self.first_weight()[e], *mine)  # expert e's weights only
+        h = x_TD @ w1
+        if b1 is not None:
+            h = h + b1
         if self.cfg.kind == "linear":
             return h
-        y = self._activate(h) @ self.w2[e]
-        return y if self.b2 is None else y + self.b2[e].to(y.dtype)
+        y = self._activate(h) @ w2
+        return y if b2 is None else y + b2
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.cfg.kind == "swiglu":

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dualroute import layer as layer_mod
 from dualroute import routing
 from dualroute.bench import (Contender, lm_train_step, run_generate, run_layer, run_lm, synchronizer,
                              time_alternating)
@@ -56,13 +57,14 @@ def test_bench_generate(tmp_path, capsys, one_thread):
     assert run_generate(["--new-tokens", "3", "--prompt", "2", "--repeats", "1", "--threads", "1", "--json", str(out),
                          *TINY_LM]) == 0
     result = json.loads(out.read_text())
-    assert set(result["seconds_per_token"]) == {"lm-dense", "lm-dual"}  # the CPU checks at once: no A/B row
+    assert set(result["seconds_per_token"]) == {"lm-dense", "lm-dual", "lm-dual (sort-based dispatch)"}
     assert result["setup"]["new_tokens"] == 3 and result["setup"]["device"] == "cpu"
     assert "ms/token" in capsys.readouterr().out
 
 
-def test_bench_generate_times_the_per_layer_check_where_reads_are_not_free(monkeypatch, one_thread):
-    monkeypatch.setattr(routing, "IMMEDIATE_CHECK_DEVICE_TYPES", ())  # as on a GPU
+def test_bench_generate_times_the_per_layer_check_where_reads_are_not_free(monkeypatch, capsys, one_thread):
+    monkeypatch.setattr(routing, "IMMEDIATE_CHECK_DEVICE_TYPES", ())  # as on a GPU: a host read is a sync,
+    monkeypatch.setattr(layer_mod, "DIRECT_DEVICE_TYPES", ())  # and rows go through the dispatch
     seen = []
     real = routing._check_finite
 
@@ -74,6 +76,18 @@ def test_bench_generate_times_the_per_layer_check_where_reads_are_not_free(monke
     assert run_generate(["--new-tokens", "2", "--prompt", "2", "--repeats", "1", "--threads", "1", *TINY_LM]) == 0
     assert set(seen) == {(), ("cpu",)}  # deferred and per-layer contenders both ran
     assert routing.IMMEDIATE_CHECK_DEVICE_TYPES == ()  # restored after each step
+    assert "lm-dual (check per layer)" in capsys.readouterr().out
+
+
+def test_bench_generate_times_the_sort_based_dispatch_on_the_cpu(monkeypatch, one_thread):
+    calls = []
+    real = layer_mod.plan_dispatch
+    monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a, **k: calls.append(layer_mod.DIRECT_MAX_ROWS) or real(*a, **k))
+    assert run_generate(["--new-tokens", "2", "--prompt", "8", "--repeats", "1", "--threads", "1", *TINY_LM]) == 0
+    # 8-token prompts (16 rows) take the dispatch in both rows; only the "before" row decodes through it too
+    assert set(calls) == {layer_mod.DIRECT_MAX_ROWS, 0}
+    assert calls.count(layer_mod.DIRECT_MAX_ROWS) == calls.count(0) // 2
+    assert layer_mod.DIRECT_MAX_ROWS > 0  # restored
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TOL, assert_same_grads, fast, make_layer, output_and_grads, random_input
+from dualroute import layer as layer_mod
+from dualroute.dispatch import plan_dispatch
 from dualroute.experts import Experts
 from dualroute.layer import DenseFFN, MoEConfig, MoELayer
 from dualroute.seed import load_seed_state_dict, seed_config
@@ -592,3 +594,58 @@ def test_shared_hidden_sets_the_shared_width():
     torch.testing.assert_close(layer(x_TD)[0] - routed, want)
     with pytest.raises(ValueError, match="shared_hidden must be None or a positive int, got 0"):
         MoEConfig(dim=D, hidden=5, shared_hidden=0)
+
+
+# ------------------------------------------------------------------------------------------ direct rows
+# A handful of routed rows with nothing needing a gradient (decoding) skips the sort-based dispatch and
+# runs each row's expert directly (MoELayer._route_direct); it must give what the dispatch gives.
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_direct_rows_equal_the_dispatch(case, T, monkeypatch):
+    if T * case.K > layer_mod.DIRECT_MAX_ROWS:
+        pytest.skip("more rows than the direct path takes")
+    layer = case.layer().eval()
+    x = random_input(T, D).detach()
+    mask = torch.tensor([True, False][:T]) if T > 1 else None
+    with torch.no_grad():
+        calls = []
+        monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a, **k: calls.append(a) or plan_dispatch(*a, **k))
+        direct, direct_aux = layer(x, mask)
+        assert calls == []  # the dispatch did not run
+        monkeypatch.setattr(layer_mod, "DIRECT_MAX_ROWS", 0)
+        want, want_aux = layer(x, mask)
+        assert len(calls) == 1
+    torch.testing.assert_close(direct, want, atol=1e-12, rtol=1e-12)
+    for name in ("tokens_per_expert_E", "tokens_per_group_G", "dropped_per_expert_E", "num_dropped", "loss"):
+        torch.testing.assert_close(getattr(direct_aux, name), getattr(want_aux, name), msg=name)
+    assert direct_aux.losses.keys() == want_aux.losses.keys()
+
+
+def test_direct_rows_only_without_gradients_and_on_few_rows(monkeypatch):
+    layer = GRID[2].layer()
+    calls = []
+    monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a, **k: calls.append(a) or plan_dispatch(*a, **k))
+    layer(random_input(1, D))  # training: parameters need gradients
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer(random_input(layer_mod.DIRECT_MAX_ROWS, D))  # T * K = 2 * DIRECT_MAX_ROWS rows
+    assert len(calls) == 2
+    with torch.no_grad():
+        layer(random_input(1, D))
+    assert len(calls) == 2
+
+
+def test_direct_rows_check_dtypes_and_follow_autocast(monkeypatch):
+    layer = GRID[2].layer().eval()  # float64 weights
+    with torch.no_grad(), pytest.raises(TypeError, match="does not match expert weights"):
+        layer(torch.randn(1, D))  # a float32 token: the same clear error as the dispatch gives
+    layer = GRID[2].layer(torch.float32).eval()
+    x = random_input(1, D, dtype=torch.float32).detach()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = layer(x)[0]
+        monkeypatch.setattr(layer_mod, "DIRECT_MAX_ROWS", 0)
+        want = layer(x)[0]
+    assert direct.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(direct.float(), want.float(), atol=2e-2, rtol=2e-2)
