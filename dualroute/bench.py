@@ -66,6 +66,27 @@ def add_device_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
                    help=dtype_help)
 
 
+def parse_counts(p: argparse.ArgumentParser, argv: list[str], counts: tuple[str, ...]) -> argparse.Namespace:
+    """Parse ``argv``; a count below 1 is a usage error naming its flag. On the CPU, set ``--threads``."""
+    args = p.parse_args(argv)
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def preset_configs(p: argparse.ArgumentParser, presets: str, overrides: list[str]) -> dict:
+    """``{name: RunConfig}`` for the comma-separated presets, each with the overrides applied."""
+    from .train.presets import get_preset, override
+
+    names = [n for n in presets.split(",") if n]
+    if not names:
+        p.error("--presets names no preset")
+    return {n: override(get_preset(n), overrides) for n in names}
+
+
 def synchronizer(device: torch.device) -> Callable[[], None] | None:
     """What waits for the device's queued work before the clock is read: None on the CPU (nothing is queued)."""
     if device.type == "cuda":
@@ -255,12 +276,7 @@ def run_layer(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu only)")
     add_device_options(p, "weights and inputs (default float32)")
     p.add_argument("--json", metavar="PATH")
-    args = p.parse_args(argv)
-    for name in ("tokens", "dim", "hidden", "repeats", "decode_repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    args = parse_counts(p, argv, ("tokens", "dim", "hidden", "repeats", "decode_repeats", "threads"))
     rounds = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats,
                          device=args.device, dtype=args.dtype)
     setup = device_setup(args.device, args.threads)
@@ -386,7 +402,6 @@ def _print_parts(name: str, parts: dict[str, float]) -> None:
 def run_lm(argv: list[str]) -> int:
     """``dualroute bench lm``: training-step time of the presets' MoE LMs against their dense twin."""
     from .models import TransformerLM
-    from .train.presets import get_preset, override
 
     p = argparse.ArgumentParser(prog="dualroute bench lm", description=run_lm.__doc__)
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual")
@@ -399,16 +414,9 @@ def run_lm(argv: list[str]) -> int:
                         "experts, combine, aux) next to the dense twin's FFN")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=256")
-    args = p.parse_args(argv)
-    for name in ("repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    names = [n for n in args.presets.split(",") if n]
-    if not names:
-        p.error("--presets names no preset")
-    configs = {n: override(get_preset(n), args.overrides) for n in names}
+    args = parse_counts(p, argv, ("repeats", "threads"))
+    configs = preset_configs(p, args.presets, args.overrides)
+    names = list(configs)
     first = next(iter(configs.values())).train
     amp_dtype = None if args.dtype == torch.float32 else args.dtype
     gen = torch.Generator().manual_seed(0)
@@ -455,7 +463,6 @@ def run_generate(argv: list[str]) -> int:
     from . import layer as layer_mod
     from . import routing
     from .models import TransformerLM
-    from .train.presets import get_preset, override
 
     p = argparse.ArgumentParser(prog="dualroute bench generate", description=run_generate.__doc__)
     p.add_argument("--presets", default="lm-dense,lm-dual")
@@ -466,16 +473,9 @@ def run_generate(argv: list[str]) -> int:
     add_device_options(p, "weights (default float32)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("overrides", nargs="*", help="config overrides for every preset, e.g. model.dim=1024")
-    args = p.parse_args(argv)
-    for name in ("new_tokens", "prompt", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    names = [n for n in args.presets.split(",") if n]
-    if not names:
-        p.error("--presets names no preset")
-    configs = {n: override(get_preset(n), args.overrides).model for n in names}
+    args = parse_counts(p, argv, ("new_tokens", "prompt", "repeats", "threads"))
+    configs = {n: run.model for n, run in preset_configs(p, args.presets, args.overrides).items()}
+    names = list(configs)
     for name, cfg in configs.items():
         if args.prompt + args.new_tokens > cfg.max_seq_len:
             p.error(f"--prompt + --new-tokens = {args.prompt + args.new_tokens} exceeds {name}'s max_seq_len "
