@@ -181,11 +181,13 @@ class Router(nn.Module):
     def _route_learned(self, logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None) -> Routing:
         cfg = self.cfg
         T, G, M = logits_TE.shape[0], cfg.num_groups, cfg.experts_per_group
-        within_TGM = _score(logits_TE.view(T, G, M), self.opt.score_func)  # p(i|g)
-        if group_logits_TG is None:  # one group: p(g) = 1
+        if group_logits_TG is None:  # one group (flat top-k): p(g) = 1, the group is always kept
             group_scores_TG = logits_TE.new_ones(T, 1)
-        else:
-            group_scores_TG = group_logits_TG.softmax(dim=-1)
+            group_ids_TJ = torch.zeros(T, 1, dtype=torch.int64, device=logits_TE.device)
+            scores_TE = _score(logits_TE, self.opt.score_func)
+            return self._pick_experts(logits_TE, scores_TE, group_ids_TJ, None, group_scores_TG)
+        within_TGM = _score(logits_TE.view(T, G, M), self.opt.score_func)  # p(i|g)
+        group_scores_TG = group_logits_TG.softmax(dim=-1)
         scores_TE = (group_scores_TG.unsqueeze(-1) * within_TGM).reshape(T, G * M)
         group_ids_TJ = _top_groups(group_scores_TG, self.group_bias_G, cfg.groups_per_token)
         return self._pick_experts(logits_TE, scores_TE, group_ids_TJ, group_logits_TG, group_scores_TG)
