@@ -341,10 +341,10 @@ def test_routers_inside_a_model_do_not_synchronise_and_a_nan_still_raises():
 def test_trainer_runs_checkpoints_and_resumes(tmp_path, monkeypatch, precision):
     """4 straight steps == 2 steps, a crash, and a resume for 2 more, on DEVICE (to rounding: CUDA's
     scatter-adds are not bit-reproducible, and bfloat16 forward passes round those differences coarsely)."""
-    from test_trainer import tiny_lm as tiny_run, train_losses
+    from test_trainer import crash_before_step_3, tiny_lm as tiny_run, train_losses
 
     from dualroute.train import checkpoint as ckpt
-    from dualroute.train.trainer import Trainer, train
+    from dualroute.train.trainer import train
 
     extra = ("train.steps=4", "train.save_every=2", "train.eval_every=3", "model.dropout=0.1",
              f"train.device={DEVICE.type}", f"train.precision={precision}")
@@ -352,18 +352,10 @@ def test_trainer_runs_checkpoints_and_resumes(tmp_path, monkeypatch, precision):
     summary = train(tiny_run(tmp_path / "straight", *extra), progress=False)
     assert summary.steps == 4 and torch.isfinite(torch.tensor(summary.metrics["val_loss"]))
 
-    step = Trainer.train_step
+    def on_device(trainer):
+        assert next(trainer.model.parameters()).device.type == DEVICE.type
 
-    def crash_at_step_3(self):
-        assert next(self.model.parameters()).device.type == DEVICE.type
-        if self.step == 2:
-            raise RuntimeError("simulated crash")
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_run(tmp_path / "resumed", *extra), progress=False)
-    monkeypatch.undo()
+    crash_before_step_3(tmp_path / "resumed", extra, monkeypatch, on_step=on_device)
     assert ckpt.latest_checkpoint(tmp_path / "resumed") == tmp_path / "resumed" / "ckpt-00000002"
     assert train(tiny_run(tmp_path / "resumed", *extra), resume=True, progress=False).steps == 4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_lm(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
     moe = ["model.moe.hidden=16"] if preset != "lm-dense" else []
     return override(get_preset(preset), [*TINY_LM, *moe, f"train.out_dir={out}", *extra])
+
+
+def crash_before_step_3(out: Path, extra: tuple[str, ...], monkeypatch,
+                        on_step: Callable[[Trainer], None] | None = None) -> None:
+    """Train ``tiny_lm(out, *extra)`` until a simulated crash as step 3 starts (``on_step`` sees the trainer
+    before every step), then lift the crash (``monkeypatch.undo()``) so the run can be resumed."""
+    step = Trainer.train_step
+
+    def crash_at_step_3(self):
+        if on_step is not None:
+            on_step(self)
+        if self.step == 2:
+            raise RuntimeError("simulated crash")
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_lm(out, *extra), progress=False)
+    monkeypatch.undo()
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -115,18 +135,7 @@ def test_resume_is_exact(tmp_path, monkeypatch, precision):
     extra = ("train.steps=4", "train.save_every=2", "train.eval_every=3", "model.dropout=0.1",
              f"train.precision={precision}")
     train(tiny_lm(tmp_path / "straight", *extra), progress=False)
-
-    step = Trainer.train_step
-
-    def crash_at_step_3(self):
-        if self.step == 2:
-            raise RuntimeError("simulated crash")
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_lm(tmp_path / "resumed", *extra), progress=False)
-    monkeypatch.undo()
+    crash_before_step_3(tmp_path / "resumed", extra, monkeypatch)
     assert sorted(train_losses(tmp_path / "resumed")) == [1, 2]
     train(tiny_lm(tmp_path / "resumed", *extra), resume=True, progress=False)
 
