@@ -78,13 +78,19 @@ def parse_counts(p: argparse.ArgumentParser, argv: list[str], counts: tuple[str,
 
 
 def preset_configs(p: argparse.ArgumentParser, presets: str, overrides: list[str]) -> dict:
-    """``{name: RunConfig}`` for the comma-separated presets, each with the overrides applied."""
+    """``{name: RunConfig}`` for the comma-separated language-model presets, each with the overrides applied;
+    an image preset is a usage error."""
+    from .models import LMConfig
     from .train.presets import get_preset, override
 
     names = [n for n in presets.split(",") if n]
     if not names:
         p.error("--presets names no preset")
-    return {n: override(get_preset(n), overrides) for n in names}
+    configs = {n: override(get_preset(n), overrides) for n in names}
+    for name, cfg in configs.items():
+        if not isinstance(cfg.model, LMConfig):
+            p.error(f"--presets: {name!r} is an image classifier; this benchmark times language models")
+    return configs
 
 
 def synchronizer(device: torch.device) -> Callable[[], None] | None:

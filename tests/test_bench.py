@@ -40,7 +40,8 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["setup"]["T"] == 8
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--presets", ","]])
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--presets", ","],
+                                  ["--presets", "lm-dense,digits-dual"]])
 def test_bench_lm_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as info:
         run_lm(argv)
@@ -94,6 +95,7 @@ def test_bench_generate_times_the_sort_based_dispatch_on_the_cpu(monkeypatch, on
     (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
     (["--prompt", "100", "--new-tokens", "29"], "--prompt + --new-tokens = 129 exceeds lm-dense's max_seq_len (128)"),
     (["--presets", ","], "--presets names no preset"),
+    (["--presets", "digits-dual"], "'digits-dual' is an image classifier"),
 ])
 def test_bench_generate_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
