@@ -48,6 +48,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dualroute.cli_support import add_sampling_options
     from dualroute.train.presets import DEFAULT_PRESET, PRESETS
 
     parser = _Parser(prog="dualroute", description="Dual-layer routed mixture-of-experts: train, evaluate, "
@@ -74,14 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
 
     p = sub.add_parser("generate", help="sample text from a language-model checkpoint (or, with --hf PATH, "
-                       "a Hugging Face MoE folder: dualroute generate --hf PATH --help)", allow_abbrev=False)
+                       "a Hugging Face MoE folder: dualroute generate --hf PATH --help)", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("--prompt", default="The ")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="The ", help="text to continue")
+    add_sampling_options(p, max_new_tokens=200)
 
     p = sub.add_parser("compare", help="train presets x seeds and tabulate them", allow_abbrev=False)
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual", help="comma-separated preset names")

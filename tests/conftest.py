@@ -6,8 +6,15 @@ Shapes follow the package legend: T tokens, D model dim, E experts, K experts pe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis keeps no example database: it would write .hypothesis/ into the working directory.
+settings.register_profile("dualroute", database=None)
+settings.load_profile("dualroute")
 
 from dualroute.layer import MoEConfig, MoELayer
 from dualroute.routing import RouterOptions
@@ -95,4 +102,15 @@ def fast(layer: MoELayer):
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+    yield
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_directory(tmp_path, monkeypatch):
+    """Every test runs in its own empty working directory: no test reads or writes the clone (a
+    ``runs/`` left there by ``dualroute train`` must not change what the tests see)."""
+    monkeypatch.chdir(tmp_path)
     yield

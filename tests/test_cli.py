@@ -125,3 +125,23 @@ def test_train_with_toml_config(tmp_path):
     assert main(["train", "digits-dense", "--config", str(toml), "--out", str(out), "--quiet"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["steps"] == 1 and saved["model"]["n_layers"] == 1 and saved["model"]["dim"] == 16
+
+
+def test_tests_run_outside_the_clone(tmp_path):
+    from pathlib import Path
+
+    from conftest import REPO_ROOT
+
+    assert Path.cwd() == tmp_path and REPO_ROOT not in Path.cwd().parents
+
+
+def test_both_generate_forms_share_their_sampling_defaults(capsys):
+    from dualroute.interop.cli_hooks import generate_hf_main
+
+    assert main(["generate", "--help"]) == 0
+    own = capsys.readouterr().out
+    assert generate_hf_main(["--help"]) == 0
+    hf = capsys.readouterr().out
+    for text in (own, hf):  # defaults shown in --help, and the same temperature in both
+        assert "0 = greedy (default: 0.8)" in " ".join(text.split())
+        assert "(default: 0)" in text  # the seed

@@ -287,7 +287,8 @@ def test_convert_main_both_directions(saved, tmp_path, capsys):
 def test_generate_hf_main_prints_greedy_ids(saved, tmp_path, capsys):
     hf, folder = saved("olmoe")
     want = hf.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=6, do_sample=False)[0].tolist()
-    assert generate_hf_main(["--hf", str(folder), "--prompt-ids", "3,1,4", "--max-new-tokens", "6"]) == 0
+    assert generate_hf_main(["--hf", str(folder), "--prompt-ids", "3,1,4", "--max-new-tokens", "6",
+                             "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip() == "ids: " + ",".join(map(str, want))
     assert generate_hf_main(["--hf", str(folder), "--prompt-ids", "3,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err

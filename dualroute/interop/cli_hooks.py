@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_support import run_command
+from ..cli_support import add_sampling_options, run_command
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,16 +52,13 @@ def generate_hf_main(argv: list[str]) -> int:
     """``dualroute generate --hf PATH --prompt-ids 1,2,3 --max-new-tokens N``: continue a prompt with a loaded model."""
     parser = argparse.ArgumentParser(
         prog="dualroute generate --hf", description="Generate with a Hugging Face MoE checkpoint (or its "
-        "dualroute conversion) run by dualroute. Token ids in and out; text too if the folder has tokenizer.json.")
+        "dualroute conversion) run by dualroute. Token ids in and out; text too if the folder has tokenizer.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hf", required=True, metavar="PATH", help="Hugging Face folder or dualroute checkpoint")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt", help="text (needs tokenizer.json in the folder and the tokenizers package)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_options(parser, max_new_tokens=32)
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None)
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     return _run(parser, argv, _generate)
