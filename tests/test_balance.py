@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import assert_same_grads, make_layer, output_and_grads, random_input
-from dualroute import balance_bench
+from dualroute.bench import balance as balance_bench
 from dualroute.balance import BalanceConfig, balance_metrics, update_correction_bias, update_correction_biases
 from dualroute.dispatch import expert_capacity
 from dualroute.layer import MoEAux, MoEConfig

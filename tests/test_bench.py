@@ -11,7 +11,7 @@ from dualroute import layer as layer_mod
 from dualroute import routing
 from dualroute.bench import (Contender, lm_train_step, run_generate, run_layer, run_lm, synchronizer,
                              time_alternating)
-from dualroute.interop import bench_hf
+from dualroute.bench import hf as bench_hf
 
 STAGES = {"dense_ffn", "moe_layer", "router", "plan", "dispatch", "experts", "combine", "aux"}
 

@@ -21,7 +21,7 @@ transformers = pytest.importorskip(
 
 from dualroute.experts import Experts  # noqa: E402
 from dualroute.interop import load_dualroute, load_hf, save_dualroute, save_hf, swap_moe_blocks  # noqa: E402
-from dualroute.interop import bench_hf  # noqa: E402
+from dualroute.bench import hf as bench_hf  # noqa: E402
 from dualroute.interop.cli_hooks import convert_main, generate_hf_main  # noqa: E402
 from dualroute.layer import MoELayer  # noqa: E402
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .balance import BalanceConfig, update_correction_biases
-from .layer import MoEConfig, MoELayer
-from .losses import max_violation
-from .routing import RouterOptions
+from ..balance import BalanceConfig, update_correction_biases
+from ..layer import MoEConfig, MoELayer
+from ..losses import max_violation
+from ..routing import RouterOptions
 
 LOSS_MARGIN = 0.05  # a method "keeps the task loss" if it is at most 5% above the "none" baseline
 

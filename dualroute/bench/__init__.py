@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layer import DenseFFN, MoEConfig, MoELayer
+from ..layer import DenseFFN, MoEConfig, MoELayer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,8 +80,8 @@ def parse_counts(p: argparse.ArgumentParser, argv: list[str], counts: tuple[str,
 def preset_configs(p: argparse.ArgumentParser, presets: str, overrides: list[str]) -> dict:
     """``{name: RunConfig}`` for the comma-separated language-model presets, each with the overrides applied;
     an image preset is a usage error."""
-    from .models import LMConfig
-    from .train.presets import get_preset, override
+    from ..models import LMConfig
+    from ..train.presets import get_preset, override
 
     names = [n for n in presets.split(",") if n]
     if not names:
@@ -315,8 +315,8 @@ def lm_train_step(model: nn.Module, idx_BS: torch.Tensor, amp_dtype: torch.dtype
     AdamW (``build_optimizer``, the default ``TrainConfig``'s weight decay and betas).
 
     ``amp_dtype`` (bfloat16, float16): the forward and the loss run under ``torch.autocast`` to it."""
-    from .train.presets import TrainConfig
-    from .train.optim import build_optimizer
+    from ..train.presets import TrainConfig
+    from ..train.optim import build_optimizer
 
     t = TrainConfig()
     optimizer = build_optimizer(model, 1e-3, t.weight_decay, t.betas)
@@ -344,7 +344,7 @@ def layer_parts(moe_cfg: MoEConfig, T: int, repeats: int, seed: int = 0, device:
     weights and token rows, as in ``bench lm``; backward outside it), and the routed rows the experts and
     the combine see are in ``amp_dtype`` (what the experts return under autocast).
     """
-    from .dispatch import combine, dispatch, plan_dispatch
+    from ..dispatch import combine, dispatch, plan_dispatch
 
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -407,7 +407,7 @@ def _print_parts(name: str, parts: dict[str, float]) -> None:
 
 def run_lm(argv: list[str]) -> int:
     """``dualroute bench lm``: training-step time of the presets' MoE LMs against their dense twin."""
-    from .models import TransformerLM
+    from ..models import TransformerLM
 
     p = argparse.ArgumentParser(prog="dualroute bench lm", description=run_lm.__doc__)
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual")
@@ -466,9 +466,9 @@ def run_generate(argv: list[str]) -> int:
     process: off the CPU with its routers' NaN checks read back per layer (``deferred_finite_checks`` makes
     one read per forward pass); on the CPU through the sort-based dispatch (``MoELayer._route_direct`` runs
     a handful of rows' experts directly)."""
-    from . import layer as layer_mod
-    from . import routing
-    from .models import TransformerLM
+    from .. import layer as layer_mod
+    from .. import routing
+    from ..models import TransformerLM
 
     p = argparse.ArgumentParser(prog="dualroute bench generate", description=run_generate.__doc__)
     p.add_argument("--presets", default="lm-dense,lm-dual")
@@ -538,9 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         "layer": "dualroute.bench:run_layer",
         "lm": "dualroute.bench:run_lm",
         "generate": "dualroute.bench:run_generate",
-        "balance": "dualroute.balance_bench:main",
-        "hf": "dualroute.interop.bench_hf:main",
-        "ep": "dualroute.parallel.bench_ep:main",
+        "balance": "dualroute.bench.balance:main",
+        "hf": "dualroute.bench.hf:main",
+        "ep": "dualroute.bench.ep:main",
     }
     if not argv or argv[0] not in benches:
         print(f"usage: dualroute bench {{{','.join(benches)}}} [options]", file=sys.stderr)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ..bench import add_device_options, describe_device, dtype_name, synchronizer
-from .swap import require_transformers
+from . import add_device_options, describe_device, dtype_name, synchronizer
+from ..interop.swap import require_transformers
 
 _IMPLS = ("eager", "batched_mm", "grouped_mm")
 _MODES = ("forward", "forward+backward")
@@ -179,8 +179,8 @@ def _contenders(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from .hf_config import arch_from_hf
-    from .swap import _adapter
+    from ..interop.hf_config import arch_from_hf
+    from ..interop.swap import _adapter
 
     config = MixtralConfig(hidden_size=args.dim, intermediate_size=args.hidden, num_local_experts=args.experts,
                            num_experts_per_tok=args.top_k, num_hidden_layers=1, vocab_size=8)

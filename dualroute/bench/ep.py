@@ -1,6 +1,6 @@
 """Bytes on the wire and step time of expert parallelism: flat top-k vs dual-layer routing.
 
-    python -m dualroute.parallel.bench_ep [--worlds 1 2 4] [--json PATH]   (later: dualroute bench ep)
+    dualroute bench ep [--worlds 1 2 4] [--json PATH]
 
 For each world size W it starts W local gloo processes (``run_workers``), and each rank trains
 one MoE layer (forward + backward, train mode) on its own T tokens for every routing setup,
@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from ..layer import MoEConfig, MoELayer
-from .expert_parallel import apply_expert_parallel, traffic
-from .launch import run_workers
+from ..parallel.expert_parallel import apply_expert_parallel, traffic
+from ..parallel.launch import run_workers
 
 SETUPS = {  # name -> (G, J); all at the same E and K
     "flat": (1, 1),
