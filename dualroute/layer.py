@@ -179,9 +179,10 @@ class MoELayer(nn.Module):
         return y_TD, self.make_aux(routing, plan.dropped_E, mask_T, load_E)
 
     def _runs_rows_directly(self, x_TD: torch.Tensor, routing: Routing) -> bool:
-        """Whether ``_route_direct`` serves this call: few routed rows, nothing needs a gradient, and the
-        expert ids can be read on the host for free (``DIRECT_DEVICE_TYPES``); not under torch.compile."""
-        if routing.expert_ids_TK.numel() > DIRECT_MAX_ROWS or x_TD.device.type not in DIRECT_DEVICE_TYPES:
+        """Whether ``_route_direct`` serves this call: a few routed rows (none is the dispatch's case),
+        nothing needs a gradient, and the expert ids can be read on the host for free
+        (``DIRECT_DEVICE_TYPES``); not under torch.compile."""
+        if not 0 < routing.expert_ids_TK.numel() <= DIRECT_MAX_ROWS or x_TD.device.type not in DIRECT_DEVICE_TYPES:
             return False
         if torch.compiler.is_compiling():
             return False

@@ -129,8 +129,9 @@ class Routing:
     @property
     def group_probs_TG(self) -> torch.Tensor:
         """Per-token distribution over groups: p(g), or the experts' probabilities summed per group."""
+        T, E = self.scores_TE.shape
         G = self.group_scores_TG.shape[-1]
-        return self.probs_TE.view(self.scores_TE.shape[0], G, -1).sum(-1)
+        return self.probs_TE.view(T, G, E // G).sum(-1)  # E // G, not -1: T may be 0
 
 
 class Router(nn.Module):

@@ -24,6 +24,7 @@ from torch import nn
 
 from conftest import TOL, assert_same_grads, fast, make_layer, output_and_grads, random_input
 from dualroute import layer as layer_mod
+from dualroute.balance import BalanceConfig
 from dualroute.dispatch import plan_dispatch
 from dualroute.experts import Experts
 from dualroute.layer import DenseFFN, MoEConfig, MoELayer
@@ -144,21 +145,49 @@ def test_noise_is_off_in_eval():
 # ------------------------------------------------------------------------------------ edge cases
 
 
-EMPTY_CASES = [Case(1, 1, 4, 2), Case(1, 1, 4, 2, "derived"), Case(2, 1, 4, 2), Case(2, 1, 4, 2, "derived")]
+EMPTY_CASES = [Case(1, 1, 4, 2), Case(1, 1, 4, 2, "derived", "sigmoid"), Case(2, 1, 4, 2),
+               Case(2, 1, 4, 2, "derived", correction_bias=True, shared=1)]
+ALL_LOSSES = BalanceConfig(switch=1.0, group_switch=1.0, z=1.0, group_z=1.0, importance=1.0, load=1.0)
+EMPTY_MODES = {  # name -> (layer keywords, training?)
+    "eval": (dict(), False),
+    "train-capacity": (dict(capacity_factor=1.0, group_capacity_factor=1.0), True),
+    "eval-capacity": (dict(eval_capacity_factor=1.0, eval_group_capacity_factor=1.0), False),
+}
 
 
-@pytest.mark.parametrize("shape", [(0, D), (2, 0, D)], ids=str)
-@pytest.mark.parametrize("case", EMPTY_CASES, ids=str)
-def test_empty_input(case, shape):
-    layer = case.layer()
-    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
-    y, aux = layer(x)
+def check_empty(layer: MoELayer, shape: tuple[int, ...], grad: bool) -> None:
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y, aux = layer(x)
     assert y.shape == (*shape[:-1], D)
+    E, G = layer.cfg.num_experts, layer.cfg.num_groups
+    assert aux.tokens_per_expert_E.shape == aux.dropped_per_expert_E.shape == (E,)
+    assert aux.tokens_per_group_G.shape == (G,)
     assert aux.tokens_per_expert_E.sum() == 0 and aux.num_dropped == 0
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == shape
-    for name, p in layer.named_parameters():
-        assert p.grad is None or p.grad.eq(0).all(), name
+    assert aux.losses.keys() == ALL_LOSSES.active().keys()
+    assert aux.loss.shape == () and aux.loss.item() == 0.0, aux.losses  # no token: no imbalance, never NaN
+    if grad:
+        (y.sum() + aux.loss).backward()
+        assert x.grad is not None and x.grad.shape == shape
+        for name, p in layer.named_parameters():
+            assert p.grad is None or p.grad.eq(0).all(), name
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("mode", EMPTY_MODES)
+@pytest.mark.parametrize("shape", [(0, D), (0, 5, D), (3, 0, D)], ids=str)
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=str)
+def test_empty_input(case, shape, mode, grad):
+    extra, training = EMPTY_MODES[mode]
+    check_empty(case.layer(balance=ALL_LOSSES, **extra).train(training), shape, grad)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("shape", [(0, D), (3, 0, D)], ids=str)
+def test_empty_input_expert_choice(shape, grad):
+    layer = make_layer(dim=D, num_experts=4, routing_mode="expert_choice", capacity_factor=1.0, balance=ALL_LOSSES)
+    for training in (True, False):
+        check_empty(layer.train(training), shape, grad)
 
 
 @pytest.mark.parametrize("case", [GRID[2], GRID[6]], ids=str)
