@@ -1,7 +1,10 @@
-"""The layer, LM, generation and HF benchmarks run end to end on tiny sizes and report what they claim (no timing asserts);
+"""``dualroute bench`` finds every sub-command; importing the package leaves transformers unimported.
+The layer, LM, generation and HF benchmarks run end to end on tiny sizes and report what they claim (no timing asserts);
 ``--device`` / ``--dtype`` reach the setup and the header, and bad values are usage errors naming them."""
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -9,11 +12,33 @@ import torch
 
 from dualroute import layer as layer_mod
 from dualroute import routing
-from dualroute.bench import (Contender, lm_train_step, run_generate, run_layer, run_lm, synchronizer,
-                             time_alternating)
+from dualroute import bench
 from dualroute.bench import hf as bench_hf
+from dualroute.bench.common import Contender, synchronizer, time_alternating
+from dualroute.bench.generate import main as run_generate
+from dualroute.bench.layer import main as run_layer
+from dualroute.bench.lm import lm_train_step
+from dualroute.bench.lm import main as run_lm
 
 STAGES = {"dense_ffn", "moe_layer", "router", "plan", "dispatch", "experts", "combine", "aux"}
+
+
+@pytest.mark.parametrize("name", bench.BENCHES)
+def test_every_bench_answers_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main([name, "--help"])
+    assert info.value.code == 0
+    assert f"usage: dualroute bench {name}" in capsys.readouterr().out
+
+
+def test_unknown_bench_is_a_usage_error(capsys):
+    assert bench.main(["nope"]) == 2 and bench.main([]) == 2
+    assert "usage: dualroute bench {layer,lm,generate,balance,hf,ep}" in capsys.readouterr().err
+
+
+def test_importing_bench_does_not_import_transformers():
+    code = "import sys, dualroute.bench, dualroute.cli; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bench_lm_parts(tmp_path, capsys, one_thread):

@@ -14,7 +14,6 @@ data stream and initial weights; the table averages a few seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -26,6 +25,7 @@ from ..balance import BalanceConfig, update_correction_biases
 from ..layer import MoEConfig, MoELayer
 from ..losses import max_violation
 from ..routing import RouterOptions
+from .common import write_json
 
 LOSS_MARGIN = 0.05  # a method "keeps the task loss" if it is at most 5% above the "none" baseline
 
@@ -202,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         setup = {k: v for k, v in vars(args).items() if k != "json"}
         setup.update(torch=torch.__version__, machine=platform.machine(), seconds=seconds, loss_margin=LOSS_MARGIN)
-        with open(args.json, "w") as f:
-            json.dump({"setup": setup, "rows": rows}, f, indent=2)
-        print(f"\nwrote {args.json}")
+        print()
+        write_json(args.json, {"setup": setup, "rows": rows})
     return 0
 
 

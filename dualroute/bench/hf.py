@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from . import add_device_options, describe_device, dtype_name, synchronizer
+from .common import add_device_options, describe_device, dtype_name, synchronizer, write_json
 from ..interop.swap import require_transformers
 
 _IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -82,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                   "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
                   "peak_matmul_size": args.peak_size,
                   "threads": torch.get_num_threads() if args.device.type == "cpu" else None, "records": records}
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
+        print()
+        write_json(args.json, result)
     return 0
 
 
@@ -265,7 +263,7 @@ def _hidden(out) -> torch.Tensor:
 
 
 def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str, sync=None) -> float:
-    """Seconds of one step; ``sync`` (see ``dualroute.bench.synchronizer``) waits for the device first and last."""
+    """Seconds of one step; ``sync`` (see ``common.synchronizer``) waits for the device first and last."""
     if sync is not None:
         sync()
     start = time.perf_counter()
