@@ -147,9 +147,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.presets import DEFAULT_PRESET, get_preset, override, run_config_from_dict
+    from dualroute.train.presets import DEFAULT_PRESET, get_preset, override
     from dualroute.train.configio import load_config_file
-    from dualroute.train.trainer import format_summary, train
+    from dualroute.train.trainer import format_summary, read_saved_config, train
 
     if args.out:
         overrides = [f"train.out_dir={args.out}", *overrides]
@@ -159,7 +159,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.resume and saved.is_file():  # the run's own config; the preset only named its directory
         if args.config:
             raise UsageError("--resume continues with the run's saved config; drop --config (overrides still apply)")
-        cfg = run_config_from_dict(json.loads(saved.read_text()))
+        cfg = read_saved_config(saved)
     elif args.config:
         cfg = load_config_file(args.config, cfg)
     cfg = override(cfg, overrides)

@@ -251,7 +251,7 @@ def test_checkpoint_overwrite_replaces_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-@pytest.mark.parametrize("crash_in", ["save_file", "torch_save", "swap"])
+@pytest.mark.parametrize("crash_in", ["serialize", "write_state", "swap"])
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_in):
     target = tmp_path / "ckpt"
     _save(target, 1.0, 1)
@@ -259,10 +259,12 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_i
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    if crash_in == "save_file":
-        monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    elif crash_in == "torch_save":
-        monkeypatch.setattr(ckpt.torch, "save", boom)
+    if crash_in == "serialize":
+        monkeypatch.setattr(safetensors.torch, "save", boom)
+    elif crash_in == "write_state":  # the weights are written, the state file fails
+        real_write = ckpt._write_file
+        monkeypatch.setattr(ckpt, "_write_file", lambda path, data: (
+            boom() if path.name == ckpt.STATE_TENSORS_FILE else real_write(path, data)))
     else:  # old checkpoint already moved to the backup when the second rename fails
         real_replace = ckpt.os.replace
 
@@ -308,12 +310,13 @@ def test_load_errors_name_the_path(tmp_path):
         ckpt.load_checkpoint(target)
     target = _save(tmp_path / "ckpt", 1.0, 1)
     (target / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"corrupt checkpoint weights .*model\.safetensors"):
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"model\.safetensors is corrupt: 7 bytes"):
         ckpt.load_checkpoint(target)
     target = _save(tmp_path / "ckpt", 1.0, 1)
-    (target / "state.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete: state.pt is missing"):
+    (target / "state.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete: state.safetensors is missing"):
         ckpt.load_checkpoint(target)
+    assert ckpt.load_checkpoint(target, state=False).extra == {"step": 1}  # the weights need no state
     with pytest.raises(TypeError, match="JSON-serialisable"):
         ckpt.save_checkpoint(tmp_path / "c2", model_state={}, extra={"x": object()})
     with pytest.raises(TypeError, match=r"model_state\['x'\] is a int"):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dualroute.layer import MoEAux, MoEConfig, MoELayer
-from dualroute.train.checkpoint import META_FILE, Checkpoint, latest_checkpoint, load_checkpoint
+from dualroute.train.checkpoint import META_FILE, Checkpoint, latest_checkpoint, load_weights
 from dualroute.train.presets import TEXT_KINDS, RunConfig, run_config_from_dict
 from dualroute.train.tasks import make_task, tokenizer_from_record
 
@@ -78,7 +78,7 @@ def open_checkpoint(path: str | Path, data: str | Path | None = None, batches: i
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"batches must be a positive int, got {batches!r}")
     ckpt_path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_weights(ckpt_path)
     if not isinstance(ckpt.extra.get("config"), dict):
         raise ValueError(f"{ckpt_path} holds no run config: not a checkpoint written by the dualroute trainer")
     try:

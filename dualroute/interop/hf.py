@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from ..balance import BalanceConfig
-from ..train.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+from ..train.checkpoint import META_FILE, load_weights, save_checkpoint
 from .arch import ArchConfig, MoECausalLM
 from .hf_config import CONFIG_FILE, arch_from_hf, read_config
 from .weights import INDEX_FILE, WEIGHTS_FILE, SafetensorsFolder, hf_to_state, state_to_hf
@@ -116,7 +116,7 @@ def save_dualroute(model: MoECausalLM, folder: str | os.PathLike) -> Path:
 
 def load_dualroute(folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> MoECausalLM:
-    ckpt = load_checkpoint(folder)
+    ckpt = load_weights(folder)
     if INTEROP_KEY not in ckpt.extra:
         raise ValueError(f"{folder} is a dualroute checkpoint without a Hugging Face config (written by "
                          "save_dualroute / `dualroute convert --to dualroute`?)")

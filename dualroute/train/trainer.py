@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,8 @@ from dualroute.train.checkpoint import (
     Checkpoint,
     checkpoint_dir,
     latest_checkpoint,
-    load_checkpoint,
+    load_newest_intact,
+    load_weights,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -53,6 +56,7 @@ from dualroute.train.tasks import EvalResult, LMTask, make_task, tokenizer_from_
 
 SAMPLE_PROMPT = "The "
 SAMPLE_TOKENS = 120
+log = logging.getLogger("dualroute")  # notices about the run directory (stderr unless the user configures logging)
 
 
 @dataclass
@@ -145,6 +149,25 @@ def _decode_state(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
+def config_differences(saved: Any, now: Any, where: str) -> list[str]:
+    """``"where.key: A in the checkpoint, B now"`` for each leaf that differs between two config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(saved) | set(now), key=str)
+                for line in config_differences(saved.get(key), now.get(key), f"{where}.{key}")]
+    return [] if saved == now else [f"{where}: {saved!r} in the checkpoint, {now!r} now"]
+
+
+def read_saved_config(path: str | os.PathLike) -> RunConfig:
+    """A run's ``config.json``; errors name the file."""
+    path = Path(path)
+    try:
+        return run_config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it should be the run config dualroute wrote") from None
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop records logged after ``step`` (by a run that died before its next checkpoint); all at step 0."""
     if not path.is_file():
@@ -214,9 +237,9 @@ class Trainer:
 
     def load(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``; its model config must equal this run's."""
-        saved = ckpt.extra["config"]["model"]
-        if saved != config_to_dict(self.cfg.model):
-            raise ValueError(f"checkpoint {ckpt.path} was trained with a different model config; "
+        changed = config_differences(ckpt.extra["config"]["model"], config_to_dict(self.cfg.model), "model")
+        if changed:
+            raise ValueError(f"checkpoint {ckpt.path} was trained with a different model config ({'; '.join(changed)}); "
                              "resume with the run's own config (its config.json)")
         self.ranks.load_full_state(self.model, self.optimizer, ckpt.model_state, ckpt.optimizer_state)
         self.scheduler.load_state_dict(ckpt.scheduler_state)
@@ -365,18 +388,43 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None,
     group the caller started); W must equal the world size. Rank 0 reads the checkpoint and sends it
     to the others, so only rank 0 needs the run directory. Returns the summary on every rank.
     """
+    out_dir = Path(cfg.train.out_dir)
+    new_dir = not out_dir.exists()
     with launch(expert_parallel, cfg, resolve_device(cfg.train.device)) as ranks:
-        path = ranks.from_main(lambda: latest_checkpoint(cfg.train.out_dir))
-        if path is not None and not resume:
-            raise ValueError(f"{cfg.train.out_dir} already holds checkpoints (latest {path.name}); continue that "
-                             "run with --resume (resume=True) or choose another output directory")
-        ckpt = None if path is None else ranks.from_main(lambda: load_checkpoint(path))
+        ckpt = ranks.from_main(lambda: _checkpoint_to_resume(out_dir, resume))
         tokenizer = None if ckpt is None or ckpt.extra.get("tokenizer") is None \
             else tokenizer_from_record(ckpt.extra["tokenizer"])
-        trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress, ranks=ranks)
-        if ckpt is not None:
-            trainer.load(ckpt)
-        return trainer.fit()
+        trainer = None
+        try:
+            trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress, ranks=ranks)
+            if ckpt is not None:
+                trainer.load(ckpt)
+            return trainer.fit()
+        except Exception:
+            started = trainer is not None and (trainer.step > 0 or ckpt is not None)
+            if new_dir and not started and ranks.is_main:  # a start that failed leaves no half-made run
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Checkpoint | None:
+    """The newest intact checkpoint of ``out_dir`` for ``--resume`` (None: start afresh), saying what it skips."""
+    newest = latest_checkpoint(out_dir)
+    if newest is None:
+        if resume:
+            log.warning(f"--resume: {out_dir} holds no checkpoint; starting a new run there")
+        return None
+    if not resume:
+        raise ValueError(f"{out_dir} already holds checkpoints (latest {newest.name}); continue that "
+                         "run with --resume (resume=True) or choose another output directory")
+    ckpt, skipped = load_newest_intact(out_dir)
+    for path, why in skipped:
+        log.warning(f"--resume: skipping {path.name}: {why}")
+    if ckpt is None:
+        raise ValueError(f"--resume: no checkpoint in {out_dir} is intact ({len(skipped)} skipped, see above)")
+    if skipped:
+        log.warning(f"--resume: continuing from {ckpt.path.name}, the newest intact checkpoint")
+    return ckpt
 
 
 def load_run(path: str | os.PathLike, overrides: Callable[[RunConfig], RunConfig] | None = None,
@@ -390,7 +438,7 @@ def load_run(path: str | os.PathLike, overrides: Callable[[RunConfig], RunConfig
         raise FileNotFoundError(f"no checkpoint or run directory at {path}")
     if latest_checkpoint(path) is not None:
         path = latest_checkpoint(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_weights(path, map_location="cpu")
     if "config" not in ckpt.extra:
         raise ValueError(f"checkpoint {path} holds no run config (not written by the dualroute trainer)")
     cfg = run_config_from_dict(ckpt.extra["config"])
