@@ -225,6 +225,16 @@ def test_iter_eval_batches_walks_in_order():
         list(data.iter_eval_batches("train", 3, 10, max_batches=0))
 
 
+def test_token_dataset_from_parts_keeps_the_parts_apart():
+    data = TokenDataset.from_parts(np.arange(50, dtype=np.uint16), np.arange(50, 60, dtype=np.uint16))
+    assert data.n_train == 50 and data.val_fraction == pytest.approx(1 / 6)
+    np.testing.assert_array_equal(data.split_tokens("val"), np.arange(50, 60))
+    x_BS, y_BS = data.get_batch("val", 8, 4, torch.Generator().manual_seed(0))
+    assert int(x_BS.min()) >= 50 and int(y_BS.max()) < 60
+    with pytest.raises(ValueError, match="n_train must be in \\[0, 10\\], got 11"):
+        TokenDataset(np.arange(10), n_train=11)
+
+
 def test_token_dataset_from_text():
     data = TokenDataset.from_text(SAMPLE * 20, ByteTokenizer(), val_fraction=0.25)
     assert data.tokens.dtype == np.uint16

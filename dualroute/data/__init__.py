@@ -10,9 +10,11 @@ from dualroute.data.image_files import (
     write_mnist_idx,
 )
 from dualroute.data.images import IMAGE_DATASETS, ImageDataset, load_digits_dataset, load_image_dataset
+from dualroute.data.stdlib_corpus import CorpusSplit, load_stdlib_corpus, stdlib_files
 from dualroute.data.text import (
     TokenDataset,
     default_corpus,
+    encode_array,
     read_text,
     read_token_bin,
     write_token_bin,
@@ -26,8 +28,8 @@ from dualroute.data.tokenizer import (
 )
 
 __all__ = [
-    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "IMAGE_DATASETS", "ImageDataset", "LabeledImages",
-    "TokenDataset", "Tokenizer", "default_corpus", "load_digits_dataset", "load_image_dataset",
-    "load_tokenizer", "read_cifar10", "read_idx", "read_mnist", "read_text", "read_token_bin",
-    "write_cifar10_batch", "write_idx", "write_mnist_idx", "write_token_bin",
+    "BPETokenizer", "ByteTokenizer", "CharTokenizer", "CorpusSplit", "IMAGE_DATASETS", "ImageDataset", "LabeledImages",
+    "TokenDataset", "Tokenizer", "default_corpus", "encode_array", "load_digits_dataset", "load_image_dataset",
+    "load_stdlib_corpus", "load_tokenizer", "read_cifar10", "read_idx", "read_mnist", "read_text", "read_token_bin",
+    "stdlib_files", "write_cifar10_batch", "write_idx", "write_mnist_idx", "write_token_bin",
 ]

@@ -5,14 +5,14 @@ Shapes: B batch, S sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 
-from dualroute.data.tokenizer import Tokenizer
+from dualroute.data.tokenizer import ByteTokenizer, Tokenizer
 
 Split = Literal["train", "val"]
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -104,13 +104,24 @@ def _token_dtype(vocab_size: int) -> type[np.integer]:
     return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
+def encode_array(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """``tokenizer.encode(text)`` as a uint16 array (int32 for a larger vocabulary); bytes without a Python list."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    return np.asarray(tokenizer.encode(text), dtype=_token_dtype(tokenizer.vocab_size))
+
+
 @dataclass
 class TokenDataset:
-    """A 1-D token array cut into a train part and a val part at the end (contiguous, no shuffling)."""
+    """A 1-D token array cut into a train part and a val part at the end (contiguous, no shuffling).
+
+    The cut is at ``n_train`` when given (``from_parts``: a corpus split by file), else it leaves the
+    last ``val_fraction`` of the tokens for validation.
+    """
 
     tokens: np.ndarray
     val_fraction: float = 0.1
-    n_train: int = field(init=False)
+    n_train: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 1 or not np.issubdtype(self.tokens.dtype, np.integer):
@@ -118,12 +129,20 @@ class TokenDataset:
                              f"dtype {self.tokens.dtype}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        self.n_train = len(self.tokens) - int(round(len(self.tokens) * self.val_fraction))
+        if self.n_train is None:
+            self.n_train = len(self.tokens) - int(round(len(self.tokens) * self.val_fraction))
+        elif not 0 <= self.n_train <= len(self.tokens):
+            raise ValueError(f"n_train must be in [0, {len(self.tokens)}], got {self.n_train}")
 
     @classmethod
     def from_text(cls, text: str, tokenizer: Tokenizer, val_fraction: float = 0.1) -> TokenDataset:
-        tokens = np.asarray(tokenizer.encode(text), dtype=_token_dtype(tokenizer.vocab_size))
-        return cls(tokens, val_fraction)
+        return cls(encode_array(tokenizer, text), val_fraction)
+
+    @classmethod
+    def from_parts(cls, train: np.ndarray, val: np.ndarray) -> TokenDataset:
+        """Train and validation tokens kept apart (no window crosses from one into the other)."""
+        tokens = np.concatenate([train, val])
+        return cls(tokens, len(val) / max(len(tokens), 1), n_train=len(train))
 
     def split_tokens(self, split: Split) -> np.ndarray:
         if split == "train":

@@ -16,23 +16,28 @@ from dualroute.models import ImageConfig, LMConfig, dense_twin
 from dualroute.routing import RouterOptions
 from dualroute.train.configio import apply_overrides, config_from_dict, config_to_dict
 
-DataKind = Literal["text", "tokens", "digits", "mnist", "cifar10"]
-TEXT_KINDS = ("text", "tokens")
+DataKind = Literal["text", "stdlib", "tokens", "digits", "mnist", "cifar10"]
+TEXT_KINDS = ("text", "stdlib", "tokens")
 IMAGE_KINDS = ("digits", "mnist", "cifar10")
 DEFAULT_PRESET = "lm-dual"
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    # text: a file or folder, or the embedded corpus (CPython's help text); stdlib: the Python standard
+    # library's source (dualroute.data.stdlib_corpus); tokens: a uint16 .bin; digits / mnist / cifar10: images
     kind: DataKind = "text"
     path: str | None = None  # text: file or folder (None = embedded corpus); tokens: uint16 .bin; images: folder
-    tokenizer: Literal["byte", "char", "bpe"] = "byte"  # text kind only
+    tokenizer: Literal["byte", "char", "bpe"] = "byte"  # text and stdlib kinds only
     bpe_vocab_size: int = 512
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # stdlib: the share of files (by a hash of their path) kept for validation
 
     def __post_init__(self) -> None:
         if self.kind not in TEXT_KINDS + IMAGE_KINDS:
             raise ValueError(f"unknown data kind {self.kind!r}; expected one of {TEXT_KINDS + IMAGE_KINDS}")
+        if self.kind == "stdlib" and self.path is not None:
+            raise ValueError(f"data kind 'stdlib' reads this Python's standard library; it takes no data.path "
+                             f"(got {self.path!r}; for your own text use data.kind=text data.path=...)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.bpe_vocab_size < 1:

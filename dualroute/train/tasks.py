@@ -14,6 +14,8 @@ import dataclasses
 import itertools
 import json
 import math
+import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,9 @@ from dualroute.data import (
     TokenDataset,
     Tokenizer,
     default_corpus,
+    encode_array,
     load_image_dataset,
+    load_stdlib_corpus,
     load_tokenizer,
     read_text,
     read_token_bin,
@@ -139,14 +143,21 @@ class LMTask(_Task):
         if data.kind == "tokens":
             self.tokenizer = None
             tokens = read_token_bin(data.path, vocab_size=cfg.model.vocab_size)
+            self.dataset = TokenDataset(tokens, data.val_fraction)
+        elif data.kind == "stdlib":  # split by file: the tokenizer learns from the training files only
+            corpus = load_stdlib_corpus(data.val_fraction)
+            if os.environ.get("RANK", "0") == "0":
+                print(corpus.describe(), file=sys.stderr)
+            self.tokenizer = tokenizer or _make_tokenizer(data.tokenizer, corpus.train, data.bpe_vocab_size)
+            self.dataset = TokenDataset.from_parts(encode_array(self.tokenizer, corpus.train),
+                                                   encode_array(self.tokenizer, corpus.val))
         else:
             text = default_corpus() if data.path is None else read_text(data.path)
             self.tokenizer = tokenizer or _make_tokenizer(data.tokenizer, text, data.bpe_vocab_size)
-            tokens = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                     vocab_size=self.tokenizer.vocab_size))
+            self.dataset = TokenDataset(encode_array(self.tokenizer, text), data.val_fraction)
+        if self.tokenizer is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
         super().__init__(cfg)
-        self.dataset = TokenDataset(tokens, data.val_fraction)
         self.bytes_per_token = self._bytes_per_token()
 
     def _bytes_per_token(self) -> float | None:
