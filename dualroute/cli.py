@@ -128,12 +128,27 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
-        return 130
+        return _leave(130)
     except (UsageError, *_EXPECTED) as e:
         if os.environ.get("DUALROUTE_TRACEBACK"):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return _leave(2)
+
+
+def _leave(code: int) -> int:
+    """``code``; but after a broken multi-process run, exit at once with it: tearing down the dead process
+    group at interpreter exit would abort the process (SIGABRT) after the clear message."""
+    if "dualroute.train.distributed" in sys.modules:
+        from dualroute.train.distributed import abandoned_process_group
+
+        if abandoned_process_group():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
 
 
 def _one_line(e: BaseException) -> str:

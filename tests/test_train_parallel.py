@@ -20,6 +20,7 @@ The 2-rank runs share one spawned world (a module fixture); the single-process r
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -287,3 +288,36 @@ def test_torchrun_launches_the_cli(tmp_path, capsys):
     # A single-process checkpoint: one process continues the run with the CLI.
     assert main(["train", "--out", str(out), "--resume", "--quiet", "train.steps=3"]) == 0
     assert f"run {out}: 3 steps" in capsys.readouterr().out and sorted(losses(out)) == [1, 2, 3]
+
+
+_STALL_WHILE_SAVING = """
+import os, sys, time
+from dualroute.cli import main
+from dualroute.train import checkpoint as ckpt
+
+write_all = ckpt._write_all
+
+def stall(tmp, *args):  # rank 0 stops answering while it writes ckpt-00000002; rank 1 waits at the barrier
+    if tmp.name.startswith(".tmp-ckpt-00000002"):
+        time.sleep(120)
+    return write_all(tmp, *args)
+
+ckpt._write_all = stall
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_stalls_exits_2_not_abort(tmp_path):
+    """The rank left waiting at a barrier gives the timeout message and exits with status 2: tearing the
+    dead process group down at interpreter exit used to abort it ("terminate called...", SIGABRT)."""
+    script = tmp_path / "stall.py"
+    script.write_text(_STALL_WHILE_SAVING)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "train", "lm-dual", "--out", str(tmp_path / "run"), "--quiet", "--expert-parallel", "2", *TINY,
+           "train.steps=3", "train.save_every=1", f"train.dist_timeout_s={FAULT_TIMEOUT_S}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "error: rank 1 of 2 stopped:" in result.stderr and "--resume" in result.stderr
+    assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr, result.stderr[-3000:]
+    assert re.search(r"rank\s*: 1 .*\n\s*exitcode\s*: 2 ", result.stderr), result.stderr[-3000:]

@@ -210,6 +210,16 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_abandoned_group = False  # a process group launch() started broke mid-run: it cannot be torn down
+
+
+def abandoned_process_group() -> bool:
+    """True once a run's collective failed in a process group that ``launch`` started (torchrun). Such a
+    group cannot be destroyed, and interpreter shutdown then aborts in its threads (SIGABRT, "terminate
+    called without an active exception"): the caller should leave with ``os._exit`` instead."""
+    return _abandoned_group
+
+
 @contextmanager
 def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) -> Iterator[SingleProcess]:
     """The ranks of this run; ``expert_parallel`` (None = 1) must equal the launched world size.
@@ -239,6 +249,8 @@ def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) ->
     try:
         yield ranks
     except RuntimeError as e:
+        global _abandoned_group
+        _abandoned_group = _abandoned_group or started_here
         last = latest_checkpoint(cfg.train.out_dir) if ranks.is_main else None
         where = f"{last} (intact)" if last is not None else f"the checkpoints in {cfg.train.out_dir} (intact)"
         raise RuntimeError(f"rank {ranks.rank} of {ranks.world} stopped: {e} -- if another rank died or stalled, "
