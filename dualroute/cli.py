@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 _OVERRIDE = re.compile(r"^(--)?[A-Za-z_]\w*(\.\w+)+(=|$)")
 _EXPECTED = (ValueError, TypeError, KeyError, OSError, ImportError, ArithmeticError, RuntimeError)
@@ -81,9 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The ", help="text to continue")
     add_sampling_options(p, max_new_tokens=200)
 
-    p = sub.add_parser("compare", help="train presets x seeds and tabulate them", allow_abbrev=False)
+    p = sub.add_parser(
+        "compare", help="train presets x seeds and set them against the dense twin", allow_abbrev=False,
+        description="Train every preset with every seed (same overrides and --config for all), then tabulate them "
+                    "at equal steps, by the steps and training seconds each takes to reach the dense twin's final "
+                    "validation loss (as ratios to the twin's), and at the twin's training-time budget; mean ± std "
+                    "over seeds. Writes compare.md, compare.json and compare.png to --out.",
+        epilog="Time to target is interpolated linearly between evaluations, so it is known only to within one "
+               "eval interval: evaluate often, e.g. train.eval_every=10 for a 400-step run (2.5%% of it). Training "
+               "seconds exclude evaluation and checkpointing, so frequent evals cost wall time, not measured time. "
+               "A dense twin takes model.moe.* overrides on the MoE config it is the twin of, keeping its width "
+               "equal to the MoE models' active experts.")
     p.add_argument("--presets", default="lm-dense,lm-flat,lm-dual", help="comma-separated preset names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--baseline", metavar="PRESET", help="the preset to measure against (default: the one preset "
+                   "whose model is dense, e.g. lm-dense)")
+    p.add_argument("--config", help="TOML file applied on top of every preset (before the overrides)")
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -231,110 +242,18 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.presets import get_preset, override
+    from dualroute.train.compare import find_baseline, preset_configs, run_compare
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not presets or not seeds:
         raise UsageError("compare needs at least one preset and one seed")
-    configs = {p: override(get_preset(p), overrides) for p in presets}  # fail fast on a bad preset or key
+    configs = preset_configs(presets, overrides, args.config)  # fail fast on a bad preset, key or file
+    baseline = find_baseline(configs, args.baseline)
     out = Path(args.out)
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in presets}
-    # Seed-major order: a slow spell on a shared machine then hits every preset, not just one.
-    for seed in seeds:
-        for preset, base in configs.items():
-            extra = [f"train.seed={seed}", f"train.out_dir={out / preset / f'seed{seed}'}"]
-            if args.steps is not None:
-                extra.append(f"train.steps={args.steps}")
-            runs[preset].append(_run_one(override(base, extra), not args.quiet))
-    table = compare_table(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n")
-    (out / "compare.json").write_text(json.dumps(runs, indent=1))
-    plot_compare(runs, out / "compare.png")
-    print(table)
+    print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet))
     print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
     return 0
-
-
-def _run_one(cfg, progress: bool) -> dict[str, Any]:
-    from dualroute.train.metrics_log import read_jsonl
-    from dualroute.train.trainer import train
-
-    summary = train(cfg, progress=None if progress else False)
-    evals = [r for r in read_jsonl(Path(cfg.train.out_dir) / "metrics.jsonl") if "val_loss" in r]
-    return {"summary": summary.to_dict(), "evals": evals}
-
-
-# ----------------------------------------------------------------------------------------- compare
-
-
-def _mean_std(values: list[float], fmt: str = ".4f") -> str:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return f"{mean:{fmt}} ± {std:{fmt}}"
-
-
-def _at_step(evals: list[dict], step: int, key: str) -> float:
-    """``key`` at the last eval at or before ``step``."""
-    return [r for r in evals if r["step"] <= step][-1][key]
-
-
-def _at_time(evals: list[dict], seconds: float, key: str) -> float:
-    """``key`` at ``seconds`` of training time, linearly interpolated between evals."""
-    import numpy as np
-
-    return float(np.interp(seconds, [r["train_time"] for r in evals], [r[key] for r in evals]))
-
-
-def compare_table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table: mean ± std over seeds at equal steps and at equal training time."""
-    all_runs = [r for rs in runs.values() for r in rs]
-    step = min(r["evals"][-1]["step"] for r in all_runs)
-    seconds = min(r["evals"][-1]["train_time"] for r in all_runs)
-    keys = ["val_loss"] + (["val_acc"] if "val_acc" in all_runs[0]["evals"][-1] else [])
-    unit = all_runs[0]["summary"]["unit"]
-    head = ["preset", "params (active / total)"]
-    head += [f"{k} @ step {step}" for k in keys] + [f"{k} @ {seconds:.1f} s" for k in keys] + [f"{unit}/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for preset, rs in runs.items():
-        s = rs[0]["summary"]
-        row = [preset, f"{s['params_active']:,} / {s['params_total']:,}"]
-        row += [_mean_std([_at_step(r["evals"], step, k) for r in rs]) for k in keys]
-        row += [_mean_std([_at_time(r["evals"], seconds, k) for r in rs]) for k in keys]
-        row.append(_mean_std([r["summary"]["throughput"] for r in rs], ",.0f"))
-        lines.append("| " + " | ".join(row) + " |")
-    seeds = len(next(iter(runs.values())))
-    lines.append(f"\nMean ± std over {seeds} seed(s). Equal time = the shortest run's training time "
-                 f"({seconds:.1f} s, eval and checkpointing excluded), metrics interpolated between evals.")
-    return "\n".join(lines)
-
-
-def plot_compare(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Two panels, validation loss against steps and against training seconds; mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for preset, rs in runs.items():
-        n = min(len(r["evals"]) for r in rs)
-        steps = [e["step"] for e in rs[0]["evals"][:n]]
-        loss = np.mean([[e["val_loss"] for e in r["evals"][:n]] for r in rs], axis=0)
-        seconds = np.mean([[e["train_time"] for e in r["evals"][:n]] for r in rs], axis=0)
-        by_step.plot(steps, loss, marker=".", label=preset)
-        by_time.plot(seconds, loss, marker=".", label=preset)
-    by_step.set(xlabel="step", ylabel="validation loss", title="equal steps")
-    by_time.set(xlabel="training time (s)", ylabel="validation loss", title="equal time")
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare}

@@ -272,9 +272,8 @@ def _mapping_changes(cfg: Any, mapping: dict[str, Any], where: str, source: str)
     return changes
 
 
-def load_config_file(path: str | pathlib.Path, cfg: C) -> C:
-    """Return ``cfg`` updated with the values of a TOML file; nested tables map to nested dataclasses."""
-    _require_dataclass(cfg)
+def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """The tables of a TOML config file, unchecked (``apply_config_mapping`` checks them against a config)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -282,10 +281,21 @@ def load_config_file(path: str | pathlib.Path, cfg: C) -> C:
         raise ValueError(f"config file {path}: only .toml is supported, got suffix {path.suffix!r}")
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path}: invalid TOML: {e}") from None
-    return _replace_nested(cfg, _mapping_changes(cfg, data, "", str(path)))
+
+
+def apply_config_mapping(cfg: C, data: dict[str, Any], source: str = "config") -> C:
+    """Return ``cfg`` updated with a nested mapping (tables -> nested dataclasses); errors name ``source``."""
+    _require_dataclass(cfg)
+    return _replace_nested(cfg, _mapping_changes(cfg, data, "", source))
+
+
+def load_config_file(path: str | pathlib.Path, cfg: C) -> C:
+    """Return ``cfg`` updated with the values of a TOML file; nested tables map to nested dataclasses."""
+    _require_dataclass(cfg)
+    return apply_config_mapping(cfg, read_config_file(path), str(path))
 
 
 # ------------------------------------------------------------------------------------- dict round-trip
