@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from dualroute.cli import main
 from dualroute.train import checkpoint as ckpt
@@ -114,3 +115,64 @@ def test_a_broken_config_json_is_named(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"model": {}, "data": {"kind": "nope"}}))
     assert main(["train", "--resume", "--out", str(run), "--quiet"]) == 2
     assert str(run / "config.json") in capsys.readouterr().err
+
+
+_KILLED_WHILE_SAVING = """
+import sys, time
+from pathlib import Path
+from dualroute.cli import main
+from dualroute.train import checkpoint as ckpt
+
+marker, files_before_kill = Path(sys.argv[1]), int(sys.argv[2])
+write_file, written = ckpt._write_file, []
+
+def write_then_wait(path, data):  # ckpt-00000003: write some files, then wait for SIGKILL
+    entry = write_file(path, data)
+    if path.parent.name.startswith(".tmp-ckpt-00000003"):
+        written.append(path.name)
+        if len(written) == files_before_kill:
+            marker.write_text(",".join(written))
+            time.sleep(300)
+    return entry
+
+ckpt._write_file = write_then_wait
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files_before_kill", [1, 3, 4])  # the weights; every data file; meta.json too
+def test_kill_9_while_saving_leaves_the_last_checkpoint_and_an_exact_resume(tmp_path, files_before_kill):
+    """SIGKILL in the middle of writing a checkpoint: the newest complete one loads intact, and the run
+    resumed from it ends with the very weights of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_trainer import TINY_LM
+
+    common = [*TINY_LM, "model.moe.hidden=16", "train.steps=4", "train.save_every=1", "model.dropout=0.1",
+              "train.threads=1"]  # one thread in both processes: the same float reductions
+    script, marker = tmp_path / "kill.py", tmp_path / "in-save"
+    script.write_text(_KILLED_WHILE_SAVING)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(files_before_kill), "train", "lm-dual",
+                             "--out", str(run), "--quiet", *common], cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert len(marker.read_text().split(",")) == files_before_kill
+
+    assert ckpt.latest_checkpoint(run) == run / "ckpt-00000002"
+    assert ckpt.load_checkpoint(run / "ckpt-00000002").extra["step"] == 2
+    assert main(["train", "lm-dual", "--out", str(run), "--resume", "--quiet", *common]) == 0
+    assert not list(run.glob(".tmp-*"))
+    assert main(["train", "lm-dual", "--out", str(tmp_path / "straight"), "--quiet", *common]) == 0
+    a = ckpt.load_checkpoint(run / "ckpt-00000004").model_state
+    b = ckpt.load_checkpoint(tmp_path / "straight" / "ckpt-00000004").model_state
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
