@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
+import pickletools
 import re
+import struct
 import sys
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from dualroute.data import (
     write_mnist_idx,
     write_token_bin,
 )
+from dualroute.data.image_files import find_cifar10_batches, read_batch_pickle, write_cifar10_bin_batch
 
 SAMPLE = "The quick brown fox — naïve café, 東京 🚀\n\ttabs and  spaces.\n"
 
@@ -374,22 +378,29 @@ def test_mnist_bad_gzip(tmp_path):
 
 # ---- CIFAR-10 ---------------------------------------------------------------------------------------
 
+CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
 def cifar_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n)
 
 
-def write_cifar_folder(folder: Path, n: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    arrays = {name: cifar_arrays(n, seed) for seed, name in enumerate(names)}
+def write_cifar_folder(folder: Path, n: int = 3,
+                       layout: str = "python") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    arrays = {name: cifar_arrays(n, seed) for seed, name in enumerate(CIFAR_NAMES)}
     for name, (pixels, labels) in arrays.items():
-        write_cifar10_batch(folder / name, pixels, labels)
+        if layout == "python":
+            write_cifar10_batch(folder / name, pixels, labels)
+        else:
+            write_cifar10_bin_batch(folder / (name + ".bin"), pixels, labels)
     return arrays
 
 
-@pytest.mark.parametrize("subfolder", ["", "cifar-10-batches-py"])
-def test_cifar10_round_trip(tmp_path, subfolder):
-    arrays = write_cifar_folder(tmp_path / subfolder)
+@pytest.mark.parametrize("subfolder, layout", [("", "python"), ("cifar-10-batches-py", "python"),
+                                               ("", "binary"), ("cifar-10-batches-bin", "binary")])
+def test_cifar10_round_trip(tmp_path, subfolder, layout):
+    arrays = write_cifar_folder(tmp_path / subfolder, layout=layout)
     images, labels = read_cifar10(tmp_path, "train")
     assert images.shape == (15, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     pixels = np.concatenate([arrays[f"data_batch_{i}"][0] for i in range(1, 6)])
@@ -398,15 +409,27 @@ def test_cifar10_round_trip(tmp_path, subfolder):
     test_images, test_labels = read_cifar10(tmp_path, "test")
     assert torch.equal(test_images, torch.from_numpy(arrays["test_batch"][0].astype(np.float32) / 255))
     assert test_labels.tolist() == arrays["test_batch"][1].tolist()
+    assert find_cifar10_batches(tmp_path, "test") == (layout, [tmp_path / subfolder / (
+        "test_batch" + (".bin" if layout == "binary" else ""))])
 
 
 def test_cifar10_batch_layout(tmp_path):
     pixels, labels = cifar_arrays(2, 0)
     path = write_cifar10_batch(tmp_path / "b", pixels, labels)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # the stdlib's pickle checks the test's own fixture writer
         batch = pickle.load(f, encoding="bytes")
     assert batch[b"data"].shape == (2, 3072) and batch[b"labels"] == labels.tolist()
     assert batch[b"data"][0, 1024] == pixels[0, 1, 0, 0]  # channel-major rows, as published
+
+
+def test_cifar10_binary_batch_layout(tmp_path):
+    pixels, labels = cifar_arrays(2, 0)
+    raw = write_cifar10_bin_batch(tmp_path / "b.bin", pixels, labels).read_bytes()
+    assert len(raw) == 2 * 3073  # per image: 1 label byte, then 3072 pixel bytes
+    assert raw[0] == labels[0] and raw[3073] == labels[1]
+    assert raw[1 + 1024] == pixels[0, 1, 0, 0] and raw[3073 + 1:3073 + 3073] == pixels[1].tobytes()
+    with pytest.raises(ValueError, match="labels are 0-9"):
+        write_cifar10_bin_batch(tmp_path / "c.bin", pixels, np.array([0, 10]))
 
 
 def test_cifar10_missing_batch(tmp_path):
@@ -416,6 +439,144 @@ def test_cifar10_missing_batch(tmp_path):
         read_cifar10(tmp_path)
     with pytest.raises(ValueError, match="'valid'"):
         read_cifar10(tmp_path, "valid")
+    write_cifar_folder(tmp_path / "bin", layout="binary")
+    (tmp_path / "bin" / "test_batch.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"binary version.*" + path_in(tmp_path / "bin" / "test_batch.bin")):
+        read_cifar10(tmp_path / "bin", "test")
+
+
+def test_cifar10_folder_without_batches(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "data_batch_1.txt").write_text("no")
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 batches in " + path_in(tmp_path)
+                       + r".*python version.*binary version"):
+        read_cifar10(tmp_path)
+
+
+def test_cifar10_picks_a_complete_layout(tmp_path):
+    py = write_cifar_folder(tmp_path / "cifar-10-batches-py", n=2)
+    binary = write_cifar_folder(tmp_path / "cifar-10-batches-bin", n=4, layout="binary")
+    assert read_cifar10(tmp_path, "test").labels_N.tolist() == binary["test_batch"][1].tolist()  # binary first
+    (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").unlink()  # now only the python one is complete
+    assert find_cifar10_batches(tmp_path, "test")[0] == "python"
+    assert read_cifar10(tmp_path, "test").labels_N.tolist() == py["test_batch"][1].tolist()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a whole, nonzero number of 3073-byte records"),
+    (bytes(3073 * 2 - 1), "not a whole, nonzero number of 3073-byte records"),
+    (bytes(3073) + bytes([12]) + bytes(3072), "record 1 has label 12, not a CIFAR-10 class"),
+])
+def test_cifar10_bad_binary_batches(tmp_path, content, message):
+    write_cifar_folder(tmp_path, layout="binary")
+    (tmp_path / "test_batch.bin").write_bytes(content)
+    with pytest.raises(ValueError, match=path_in(tmp_path / "test_batch.bin") + ".*" + message):
+        read_cifar10(tmp_path, "test")
+
+
+# -- the python version's pickles, read without unpickling
+
+def cifar_batch(n: int, seed: int = 0, numpy_labels: bool = False) -> dict:
+    pixels, labels = cifar_arrays(n, seed)
+    return {b"batch_label": b"testing batch 1 of 1", b"data": pixels.reshape(n, -1),
+            b"labels": list(labels) if numpy_labels else labels.tolist(),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+
+
+def assert_same_batch(got: dict, batch: dict) -> None:
+    assert sorted(got) == sorted(batch)
+    assert got[b"data"].dtype == np.uint8 and np.array_equal(got[b"data"], batch[b"data"])
+    assert got[b"labels"] == batch[b"labels"] and got[b"filenames"] == batch[b"filenames"]
+    assert got[b"batch_label"] == batch[b"batch_label"]
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("numpy_labels", [False, True])
+def test_batch_pickle_parser_matches_every_protocol(protocol, numpy_labels):
+    batch = cifar_batch(4, numpy_labels=numpy_labels)
+    assert_same_batch(read_batch_pickle(pickle.dumps(batch, protocol=protocol)), batch)
+    arrays = {"fortran": np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 4)),
+              "big_endian": np.arange(6, dtype=">i4").reshape(2, 3), "strided": np.arange(8.0)[::2],
+              "empty": np.zeros((0, 3072), np.uint8), "shared": [b"x", b"x"], "bools": (True, False, None)}
+    got = read_batch_pickle(pickle.dumps(arrays, protocol=protocol))
+    for key in ("fortran", "big_endian", "strided", "empty"):
+        assert got[key].shape == arrays[key].shape and np.array_equal(got[key], arrays[key]), key
+        assert got[key].dtype.kind == arrays[key].dtype.kind, key
+    assert got["fortran"].flags.f_contiguous and got["shared"] == [b"x", b"x"] and got["bools"] == (True, False, None)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar10_reads_batches_of_every_protocol(tmp_path, protocol):
+    pixels, labels = cifar_arrays(3, 7)
+    for name in CIFAR_NAMES:
+        write_cifar10_batch(tmp_path / name, pixels, labels, protocol=protocol)
+    images, got_labels = read_cifar10(tmp_path, "test")
+    assert torch.equal(images, torch.from_numpy(pixels.astype(np.float32) / 255))
+    assert got_labels.tolist() == labels.tolist()
+
+
+def python2_batch_pickle(batch: dict) -> bytes:
+    """The batch as Python 2's cPickle.dump(batch, f, 2) wrote the published files: str (bytes) keys as
+    SHORT_BINSTRING, the pixels as one BINSTRING, numpy.core.multiarray._reconstruct, memo entries past
+    255 as LONG_BINPUT, lists appended and dicts set in runs of 1000."""
+    memo = iter(range(1, 1 << 30))
+
+    def put() -> bytes:
+        i = next(memo)
+        return b"q" + bytes([i]) if i < 256 else b"r" + struct.pack("<I", i)
+
+    def string(b: bytes) -> bytes:
+        head = b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))
+        return head + b + put()
+
+    def integer(v: int) -> bytes:
+        return (b"K" + bytes([v]) if 0 <= v < 256 else b"M" + struct.pack("<H", v) if 0 <= v < 65536
+                else b"J" + struct.pack("<i", v))
+
+    def in_runs(parts: list[bytes], closer: bytes) -> list[bytes]:
+        return [b"(" + b"".join(parts[i:i + 1000]) + closer for i in range(0, len(parts), 1000)]
+
+    def value(v) -> list[bytes]:
+        if isinstance(v, bytes):
+            return [string(v)]
+        if isinstance(v, list):
+            return [b"]", put(), *in_runs([b"".join(value(x)) for x in v], b"e")]
+        if isinstance(v, int):
+            return [integer(v)]
+        n, width = v.shape
+        return [b"cnumpy.core.multiarray\n_reconstruct\n", put(), b"cnumpy\nndarray\n", put(),
+                b"K\x00\x85", put(), string(b"b"), b"\x87", put(), b"R", put(),
+                b"(K\x01", integer(n), integer(width), b"\x86", put(), b"cnumpy\ndtype\n", put(),
+                string(b"u1"), b"K\x00K\x01\x87", put(), b"R", put(),
+                b"(K\x03", string(b"|"), b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t", put(), b"b",
+                b"\x89", string(v.tobytes()), b"t", put(), b"b"]
+
+    head = b"\x80\x02}" + put()
+    items = [string(k) + b"".join(value(v)) for k, v in batch.items()]
+    return b"".join([head, *in_runs(items, b"u"), b"."])
+
+
+def test_batch_pickle_parser_reads_python2_batches():
+    batch = cifar_batch(1200)  # > 255 memo entries, more than one APPENDS run
+    raw = python2_batch_pickle(batch)
+    out = io.StringIO()
+    pickletools.dis(raw, out)  # a well-formed pickle (dis checks the stack and the memo), never loaded
+    assert "LONG_BINPUT" in out.getvalue() and "'numpy.core.multiarray _reconstruct'" in out.getvalue()
+    assert_same_batch(read_batch_pickle(raw), batch)
+
+
+def test_cifar10_never_unpickles(tmp_path, monkeypatch):
+    arrays = write_cifar_folder(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(python2_batch_pickle(cifar_batch(3, seed=1)))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle was asked to unpickle")
+
+    for name in ("Unpickler", "_Unpickler", "load", "loads", "_load", "_loads"):
+        monkeypatch.setattr(pickle, name, forbidden)
+    images, labels = read_cifar10(tmp_path, "test")
+    assert labels.tolist() == arrays["test_batch"][1].tolist()
+    assert read_cifar10(tmp_path, "train").labels_N[3:6].tolist() == cifar_arrays(3, 1)[1].tolist()
 
 
 class _Exploit:
@@ -423,19 +584,72 @@ class _Exploit:
         return (sys.exit, (3,))
 
 
+def _leave_a_mark(path: str) -> None:
+    Path(path).write_text("ran")
+
+
+class _MarkingExploit:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_leave_a_mark, (str(self.path),))
+
+
+class _EvalExploit:
+    def __reduce__(self):
+        return (eval, ("__import__('sys').exit(3)",))
+
+
+def _unpatched(content: bytes, old: bytes, new: bytes) -> bytes:
+    assert content.count(old) == 1
+    return content.replace(old, new)
+
+
+_ARRAY_P2 = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, protocol=2)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"definitely not a pickle", "not a CIFAR-10 pickle"),
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}), "missing key 'labels'"),
     (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), r"\(N, 3072\)"),
     (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "2 integer labels"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1, 2]]}), "2 integer labels"),
     (pickle.dumps([1, 2, 3]), "holds a list"),
     (pickle.dumps({b"data": _Exploit(), b"labels": []}), "refusing to load sys.exit"),
+    (pickle.dumps({b"data": _EvalExploit(), b"labels": []}), "refusing to load builtins.eval"),
+    (pickle.dumps({b"data": _EvalExploit(), b"labels": []}, protocol=2), "refusing to load __builtin__.eval"),
+    (b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.", r"refusing to load os.system \(GLOBAL at byte 2"),
+    (b"\x80\x02N)\x81.", "refusing opcode NEWOBJ at byte 4"),
+    (b"Pfoo\n.", "refusing opcode PERSID"),
+    (b"\x80\x02G?\xf0\x00\x00\x00\x00\x00\x00.", "refusing opcode BINFLOAT"),
+    (b"\x80\x02\xff.", "not a CIFAR-10 pickle.*opcode b'\\\\xff' unknown"),
+    (_ARRAY_P2[:len(_ARRAY_P2) // 2], "not a CIFAR-10 pickle.*(remain|exhausted)"),
+    (_ARRAY_P2[:-1], "not a CIFAR-10 pickle.*exhausted before seeing STOP"),
+    (_unpatched(_ARRAY_P2, b"K\x02M\x00\x0c\x86", b"K\x03M\x00\x0c\x86"), r"needs 9216 bytes of data, found 6144"),
+    (_unpatched(_ARRAY_P2, b"X\x02\x00\x00\x00u1", b"X\x02\x00\x00\x00O8"), "refusing dtype 'O8'"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), object), b"labels": [0, 1]}), "refusing dtype 'O8'"),
+    (pickle.dumps({b"data": np.zeros(2, [("a", "u1")]), b"labels": [0, 1]}), "refusing dtype 'V1'"),
+    (b"\x80\x02cnumpy\nndarray\n)R.", "refusing to call numpy.ndarray"),
+    (b"\x80\x02(N.", "not a CIFAR-10 pickle.*STOP.*open MARK"),
+    (b"\x80\x02e.", "not a CIFAR-10 pickle.*APPENDS at byte 2: no MARK"),
+    (b"\x80\x02h\x05.", "memo entry 5 was never stored"),
 ])
 def test_cifar10_bad_batches(tmp_path, content, message):
     write_cifar_folder(tmp_path)
     (tmp_path / "test_batch").write_bytes(content)
     with pytest.raises(ValueError, match=path_in(tmp_path / "test_batch") + ".*" + message):
         read_cifar10(tmp_path, "test")
+
+
+def test_cifar10_refusal_runs_nothing(tmp_path):
+    marker = tmp_path / "ran.txt"
+    write_cifar_folder(tmp_path)
+    for protocol in (0, 2, 5):
+        (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _MarkingExploit(marker)}, protocol=protocol))
+        with pytest.raises(ValueError, match=r"refusing to load (tests\.)?test_data\._leave_a_mark"):
+            read_cifar10(tmp_path, "test")
+    assert not marker.exists()
 
 
 # ---- digits and the image dataset -------------------------------------------------------------------
