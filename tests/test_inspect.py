@@ -313,6 +313,22 @@ def test_image_data_of_the_wrong_shape(digits_ckpt, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a failed run
 
 
+@pytest.mark.parametrize("layout", ["python", "binary"])
+def test_cifar10_folders_of_either_version_are_recognised(digits_ckpt, tmp_path, capsys, layout):
+    from dualroute.data.image_files import write_cifar10_batch, write_cifar10_bin_batch
+
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    pixels, labels = np.zeros((10, 3, 32, 32), np.uint8), np.arange(10)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        if layout == "python":
+            write_cifar10_batch(folder / name, pixels, labels)
+        else:
+            write_cifar10_bin_batch(folder / f"{name}.bin", pixels, labels)
+    err = error_of([str(digits_ckpt), "--data", str(folder), "--out", str(tmp_path / "o")], capsys)
+    assert "found neither" not in err and "3x32x32" in err  # read as CIFAR-10, refused for its shape
+
+
 def test_token_ids_outside_the_vocabulary(lm_ckpt, tmp_path, capsys):
     tokens = tmp_path / "tokens.bin"
     write_token_bin(tokens, np.arange(400) % 300)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dualroute.data.image_files import find_cifar10_batches
 from dualroute.layer import MoEAux, MoEConfig, MoELayer
 from dualroute.train.checkpoint import META_FILE, Checkpoint, latest_checkpoint, load_weights
 from dualroute.train.presets import TEXT_KINDS, RunConfig, run_config_from_dict
@@ -212,8 +213,11 @@ def _data_kind(cfg: RunConfig, path: Path) -> str:
         if any((d / "train-images-idx3-ubyte").is_file() or (d / "train-images-idx3-ubyte.gz").is_file()
                for d in (path, path / "MNIST" / "raw")):
             return "mnist"
-        if any((d / "data_batch_1").is_file() for d in (path, path / "cifar-10-batches-py")):
+        try:
+            find_cifar10_batches(path, "test")  # the python or the binary version
             return "cifar10"
+        except FileNotFoundError:
+            pass
     raise ValueError(f"data {path}: an image checkpoint reads a folder of MNIST IDX files or CIFAR-10 batches; "
                      "found neither")
 
