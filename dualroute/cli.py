@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
+                   "from the compare.json of an earlier compare in --out")
 
     sub.add_parser("bench", help="benchmarks: layer, balance, hf, ep (dualroute bench layer --help)", add_help=False)
     sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute (dualroute convert --help)",
@@ -242,17 +244,21 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.compare import find_baseline, preset_configs, run_compare
+    from dualroute.train.compare import find_baseline, preset_configs, read_runs, run_compare, write_report
 
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    out = Path(args.out)
+    runs = read_runs(out) if args.report_only else None
+    presets = list(runs) if runs else [p.strip() for p in args.presets.split(",") if p.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not presets or not seeds:
         raise UsageError("compare needs at least one preset and one seed")
     configs = preset_configs(presets, overrides, args.config)  # fail fast on a bad preset, key or file
     baseline = find_baseline(configs, args.baseline)
-    out = Path(args.out)
-    print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet))
-    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
+    if runs:
+        print(write_report(runs, out, baseline))
+    else:
+        print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet))
+    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}" + ("" if runs else f", {out / 'compare.json'}"))
     return 0
 
 

@@ -96,7 +96,10 @@ def test_some_seeds_missing_the_target_are_counted_not_averaged():
            run(2, (0, 0.0, 2.0), (6, 6.0, 1.0))]  # shorter than the dense twin's 10 s
     table = compare_table({"dense": dense, "moe": moe}, "dense")
     row = next(line for line in table.splitlines() if line.startswith("| moe | 7 ± 1"))
-    assert "0.70 ± 0.14 (1/3 not reached)" in row and "(1/3 shorter than the budget)" in row
+    assert "0.70 ± 0.14 (1/3 not reached)" in row
+    assert "| 1.0000 ± 0.1414 (1/3 shorter than the budget) |" in row  # 0.9 and 1.1 at 10 s
+    one = {"dense": dense, "moe": moe[:1] + [run(s, (0, 0.0, 2.0), (10, 10.0, 1.1)) for s in (1, 2)]}
+    assert "| moe | 8 (2/3 not reached) | 0.80 (2/3 not reached) |" in compare_table(one, "dense")  # no "± 0"
     slow = {"dense": dense, "moe": [run(s, (0, 0.0, 2.0), (10, 10.0, 1.5)) for s in (0, 1, 2)]}
     assert "| moe | not reached | not reached | not reached | not reached | 1.5000 ± 0.0000 |" \
         in compare_table(slow, "dense")
@@ -154,12 +157,16 @@ def test_compare_command_with_config_file(tmp_path, capsys):
     assert [r["seed"] for r in runs["digits-dual"]] == [0, 1] and len(runs["digits-dense"][0]["evals"]) == 4
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "steps to target" in capsys.readouterr().out
+    (out / "compare.md").unlink()
+    assert main(["compare", "--report-only", "--out", str(out)]) == 0  # no training: the report from compare.json
+    assert (out / "compare.md").read_text() == table and "compare.json" not in capsys.readouterr().out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--presets", "digits-dual,digits-flat"], "no dense preset among digits-dual, digits-flat"),
     (["compare", "--presets", "digits-dual", "--config", "missing.toml"], "config file not found: missing.toml"),
     (["compare", "--presets", "digits-dense", "--baseline", "lm-dense"], "--baseline lm-dense is not among"),
+    (["compare", "--report-only", "--out", "nowhere"], "no nowhere/compare.json"),
 ])
 def test_compare_errors_before_training(argv, message, capsys):
     assert main(argv) == 2

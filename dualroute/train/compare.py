@@ -168,12 +168,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _cell(values: list[float | None], fmt: str, missing: str) -> str:
-    """``mean ± std`` of the values present; the count of missing ones (``missing`` if all are)."""
+    """``mean ± std`` of the values present (one of several: just it); the count of missing ones (``missing``
+    if all are)."""
     present = [v for v in values if v is not None]
     if not present:
         return missing
     mean, std = mean_std(present)
-    text = f"{mean:{fmt}} ± {std:{fmt}}"
+    text = f"{mean:{fmt}} ± {std:{fmt}}" if len(present) > 1 or len(values) == 1 else f"{mean:{fmt}}"
     return text if len(present) == len(values) else f"{text} ({len(values) - len(present)}/{len(values)} {missing})"
 
 
@@ -262,7 +263,8 @@ def plot_compare(runs: Runs, path: Path, baseline: str) -> None:
             line, = whole.plot(grid[pos], mean[pos], label=preset)
             whole.fill_between(grid[pos], (mean - std)[pos], (mean + std)[pos], color=line.get_color(), alpha=0.2)
             late = grid >= tail_from
-            tail.plot(grid[late], mean[late], marker=".", color=line.get_color(), label=preset)
+            tail.plot(grid[late], mean[late], marker="." if x_key == "step" else None, color=line.get_color(),
+                      label=preset)  # steps: every seed evaluates at the marked steps
             tail.fill_between(grid[late], (mean - std)[late], (mean + std)[late], color=line.get_color(), alpha=0.2)
             if late.any():
                 lo, hi = min(lo, float(np.min((mean - std)[late]))), max(hi, float(np.max((mean + std)[late])))
@@ -305,9 +307,22 @@ def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, b
             if steps is not None:
                 extra.append(f"train.steps={steps}")
             runs[preset].append(_run_one(override(base, extra), seed, preset, progress))
-    table = compare_table(runs, baseline)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n")
     (out / "compare.json").write_text(json.dumps(runs, indent=1))
+    return write_report(runs, out, baseline)
+
+
+def read_runs(out: Path) -> Runs:
+    """The runs a compare wrote to ``out/compare.json``."""
+    path = out / "compare.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: --report-only rewrites the report of a finished compare")
+    return json.loads(path.read_text())
+
+
+def write_report(runs: Runs, out: Path, baseline: str) -> str:
+    """Write compare.md and compare.png to ``out``; return the table."""
+    table = compare_table(runs, baseline)
+    (out / "compare.md").write_text(table + "\n")
     plot_compare(runs, out / "compare.png", baseline)
     return table
