@@ -9,7 +9,8 @@ token through the inverse permutation (one ``embedding_bag``), and its backward 
 ``grad_out`` by token; no scatter-add is needed.
 
 With a capacity, each expert (and/or each group of experts) keeps at most C rows, highest
-routing weight first; the dropped rows are sorted to the end, are never computed, and
+routing weight first, and among equal weights the earlier token, then the token's earlier slot
+(the later token drops first); the dropped rows are sorted to the end, are never computed, and
 contribute zero.
 """
 
@@ -51,7 +52,8 @@ def plan_dispatch(
     num_groups: int = 1,
 ) -> DispatchPlan:
     """Sort rows by expert. ``capacity`` caps rows per expert, ``group_capacity`` rows per group
-    (expert ``e`` is in group ``e // (E / G)``); overflow rows with the lowest weight are dropped."""
+    (expert ``e`` is in group ``e // (E / G)``); overflow rows with the lowest weight are dropped, and among
+    equal weights the later flat row (later token, then later slot) drops first."""
     T, K = expert_ids_TK.shape
     ids_N = expert_ids_TK.reshape(-1)
     device = ids_N.device
@@ -96,8 +98,8 @@ def _keep_within_capacity(ids_N, weights_N, num_experts, capacity, group_capacit
 
 
 def _rank_within(units_N: torch.Tensor, weights_N: torch.Tensor, num_units: int) -> torch.Tensor:
-    """Each row's place among its unit's rows, heaviest first (0 = heaviest)."""
-    by_weight_N = torch.argsort(weights_N, descending=True, stable=True)
+    """Each row's place among its unit's rows, heaviest first (0 = heaviest), equal weights in flat row order."""
+    by_weight_N = torch.argsort(weights_N, descending=True, stable=True)  # stable on every device
     order_N = by_weight_N[torch.argsort(units_N[by_weight_N], stable=True)]  # two stable sorts = lexsort
     counts_U = _bincount(units_N, num_units)
     start_U = torch.cumsum(counts_U, 0) - counts_U

@@ -37,7 +37,7 @@ import torch
 
 from .dispatch import expert_capacity
 from .experts import Experts
-from .routing import Routing
+from .routing import Routing, top_indices
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,14 @@ def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int, capaci
 def choose_tokens(
     routing: Routing, capacity: int, mask_T: torch.Tensor | None = None, scaling_factor: float = 1.0
 ) -> ExpertChoice:
-    """Each expert takes the ``capacity`` tokens with its highest score (ties: lower token first)."""
+    """Each expert takes the ``capacity`` tokens with its highest score (equal scores: the earlier token first,
+    on every device; see ``routing.top_indices``)."""
     scores_TE = routing.scores_TE
     T, E = scores_TE.shape
     pick_TE = scores_TE.detach()
     if mask_T is not None:  # padding ranks below every real token
         pick_TE = pick_TE.masked_fill(~mask_T.unsqueeze(-1), float("-inf"))
-    token_EC = pick_TE.t().topk(capacity, dim=-1).indices
+    token_EC = top_indices(pick_TE.t(), capacity)
     real_EC = torch.ones_like(token_EC, dtype=torch.bool) if mask_T is None else mask_T[token_EC]
     weights_EC = torch.where(real_EC, scores_TE.t().gather(1, token_EC) * scaling_factor, 0.0)
 

@@ -2,11 +2,18 @@
 
 Slow on purpose. Tests compare the fast path (``MoELayer.forward``) with ``reference_forward``
 on outputs and on every gradient; it uses the layer's own parameters, so gradients are
-comparable parameter by parameter. Training-time noise (jitter, noisy gating) and capacity
-are not modelled: call it on a layer in eval mode without an eval capacity.
+comparable parameter by parameter. Capacity factors are modelled (the layer's training or eval
+ones, by its mode); training-time noise (jitter, noisy gating) and expert-choice routing are not.
+
+Ties follow the fast path's documented rules, here with Python's stable ``sorted``: among equal
+scores the lowest group and expert index win; among equal weights competing for a capacity the
+earlier token, then the earlier slot of a token, is kept.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +21,9 @@ from .layer import MoELayer
 from .routing import routing_dtype
 
 
-def reference_routing(layer: MoELayer, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the dense combine matrix ``c_TE`` (weight of expert e for token t, 0 if unused)."""
+def reference_routing(layer: MoELayer, x_TD: torch.Tensor, capacity: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the dense combine matrix ``c_TE`` (weight of expert e for token t, 0 if unused or dropped)
+    and the expert logits. ``capacity=False``: no row is dropped, whatever the layer's capacity factors."""
     router = layer.router
     cfg, opt = router.cfg, router.opt
     G, M, J, K = cfg.num_groups, cfg.experts_per_group, cfg.groups_per_token, cfg.experts_per_token
@@ -23,7 +31,7 @@ def reference_routing(layer: MoELayer, x_TD: torch.Tensor) -> tuple[torch.Tensor
     logits_TE = x32 @ router.gate.weight.to(x32.dtype).T
     if router.gate.bias is not None:
         logits_TE = logits_TE + router.gate.bias.to(x32.dtype)
-    rows = []
+    picks: list[Pick] = []
     for t in range(x_TD.shape[0]):
         logits = logits_TE[t]
         # p_e: the weight expert e would get; `choice`: what ranks experts (p + selection bias).
@@ -42,17 +50,54 @@ def reference_routing(layer: MoELayer, x_TD: torch.Tensor) -> tuple[torch.Tensor
         if router.group_bias_G is not None:
             group_rank = group_rank + router.group_bias_G
         kept_groups = sorted(range(G), key=lambda g: -float(group_rank[g]))[:J]
-        candidates = [e for g in kept_groups for e in range(g * M, (g + 1) * M)]
+        candidates = [e for e in range(cfg.num_experts) if e // M in kept_groups]
         chosen = sorted(candidates, key=lambda e: -float(choice[e]))[:K]
         w = torch.stack([p[e] for e in chosen])
         if opt.renormalize:
             w = w / (w.sum() + 1e-20)
         w = w * opt.scaling_factor
-        row = torch.zeros(cfg.num_experts, dtype=p.dtype)
-        row = row.index_put((torch.tensor(chosen),), w)
-        rows.append(row)
-    c_TE = torch.stack(rows) if rows else logits_TE.new_zeros(0, cfg.num_experts)
+        picks += [Pick(t, slot, e, w[slot]) for slot, e in enumerate(chosen)]
+    c_TE = logits_TE.new_zeros(x_TD.shape[0], cfg.num_experts)
+    kept = within_capacity(layer, picks, x_TD.shape[0]) if capacity else picks
+    if kept:
+        at = (torch.tensor([pick.token for pick in kept]), torch.tensor([pick.expert for pick in kept]))
+        c_TE = c_TE.index_put(tuple(i.to(c_TE.device) for i in at), torch.stack([pick.weight for pick in kept]))
     return c_TE, logits_TE
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One routed row: token ``token`` sends its ``slot``-th choice, ``expert``, with ``weight``."""
+
+    token: int
+    slot: int
+    expert: int
+    weight: torch.Tensor
+
+
+def within_capacity(layer: MoELayer, picks: list[Pick], num_tokens: int) -> list[Pick]:
+    """The rows that fit the layer's capacities: each group (level 1, first), then each expert, keeps its
+    ``ceil(factor * T * K / units)`` heaviest rows; among equal weights the earlier token, then the earlier slot."""
+    cfg = layer.cfg
+    if layer.training:
+        factors = (cfg.group_capacity_factor, cfg.capacity_factor)
+    else:
+        factors = (cfg.eval_group_capacity_factor, cfg.eval_capacity_factor)
+    M = cfg.num_experts // cfg.num_groups
+    levels = [(cfg.num_groups, lambda pick: pick.expert // M), (cfg.num_experts, lambda pick: pick.expert)]
+    for factor, (num_units, unit_of) in zip(factors, levels):
+        if factor is None:
+            continue
+        capacity = math.ceil(factor * num_tokens * cfg.experts_per_token / num_units)
+        heaviest_first = sorted(picks, key=lambda pick: (-float(pick.weight.detach()), pick.token, pick.slot))
+        taken = {unit: 0 for unit in range(num_units)}
+        kept = []
+        for pick in heaviest_first:
+            if taken[unit_of(pick)] < capacity:
+                taken[unit_of(pick)] += 1
+                kept.append(pick)
+        picks = kept
+    return picks
 
 
 def reference_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:

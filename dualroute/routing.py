@@ -16,6 +16,9 @@ Two kinds of level-1 router:
 
 With G = 1 both reduce to flat top-k routing; with K = E (and J = G) every expert is
 used, which is the seed's dense soft mixture ``y = sum_i p_i f_i(x)``.
+
+Ties, at both levels and on every device: among equal scores the lowest index wins (``top_indices``),
+and the K kept experts are listed best first, equal scores in index order.
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ class Router(nn.Module):
             keep_TG.scatter_(1, group_ids_TJ, True)
             keep_TE = keep_TG.unsqueeze(-1).expand(T, G, M).reshape(T, G * M)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-        expert_ids_TK = choice_TE.topk(cfg.experts_per_token, dim=-1).indices
+        expert_ids_TK = top_indices(choice_TE, cfg.experts_per_token)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.opt.renormalize:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
@@ -258,7 +261,34 @@ def _top_groups(group_scores_TG: torch.Tensor, group_bias_G: torch.Tensor | None
     choice_TG = group_scores_TG.detach()
     if group_bias_G is not None:
         choice_TG = choice_TG + group_bias_G
-    return choice_TG.topk(J, dim=-1).indices
+    return top_indices(choice_TG, J)
+
+
+# From this many float32 scores, ``top_indices`` runs topk on a tie-free int64 key; below it (decoding a few
+# tokens) and in float64, a stable sort, whose cost grows faster but which is one call instead of a handful.
+# Router forward + backward at T=4096, D=512, E in {8, 64}, against plain topk (CPU, in-process A/B): the key
+# within noise (-5% to +9%), the sort +2% to +23%; at T=1 the sort +2% to +32%, the key +40% to +90%.
+TIE_FREE_KEY_MIN_NUMEL = 8192
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dim, largest first; equal scores: the lowest index first.
+
+    ``torch.topk`` promises no order among equal values (a zeroed router, a float32 sigmoid saturated at 1.0),
+    and its choice differs between devices and versions. Both ways here follow the one rule on every device.
+    """
+    if scores.dtype == torch.float32 and scores.numel() >= TIE_FREE_KEY_MIN_NUMEL:
+        return _tie_free_key(scores).topk(k, dim=-1).indices
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _tie_free_key(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys, one per float32 score, in the scores' order and then lower index first: ``bits * n - index``
+    where ``bits`` is the score's int32 pattern made monotonic (a negative float's magnitude bits flipped)."""
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0, so the two tie
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    n = scores.shape[-1]
+    return bits * n - torch.arange(n, device=scores.device)
 
 
 # Device types where reading a number back costs no synchronisation, so routers check their logits

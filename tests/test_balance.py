@@ -261,7 +261,7 @@ def test_bad_capacity_factor(field, value, shown):
 
 def reference_with_capacity(layer, x_TD, capacity, group_capacity):
     """Plain loops: per group keep the GC heaviest rows, then per expert the C heaviest survivors."""
-    c_TE, _ = reference_routing(layer, x_TD)
+    c_TE, _ = reference_routing(layer, x_TD, capacity=False)
     T, E = c_TE.shape
     M = E // layer.cfg.num_groups
     rows = [(t, e) for t in range(T) for e in range(E) if c_TE[t, e] > 0]

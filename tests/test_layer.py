@@ -385,7 +385,7 @@ def capacity_mask(c_TE: torch.Tensor, capacity: int) -> torch.Tensor:
 def reference_with_capacity(layer: MoELayer, x: torch.Tensor, capacity: int) -> torch.Tensor:
     """``reference_forward`` with the dropped (token, slot) pairs zeroed in the dense combine matrix."""
     x_TD = x.reshape(-1, layer.cfg.dim)
-    c_TE, _ = reference_routing(layer, x_TD)
+    c_TE, _ = reference_routing(layer, x_TD, capacity=False)
     c_TE = c_TE * capacity_mask(c_TE.detach(), capacity)
     y_TO = sum(c_TE[:, e : e + 1] * layer.experts.forward_one(e, x_TD) for e in range(layer.cfg.num_experts))
     if layer.shared is not None:
@@ -415,6 +415,7 @@ def test_capacity_matches_masked_reference(case, factor, mode):
     y_ref, grads_ref = output_and_grads(layer, x, lambda x: reference_with_capacity(layer, x, capacity))
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     assert_same_grads(grads, grads_ref, torch.float64)
+    torch.testing.assert_close(reference_forward(layer, x), y_ref, atol=1e-10, rtol=1e-10)  # it models capacity
 
 
 def hand_capacity_layer(**cfg) -> MoELayer:
@@ -466,6 +467,70 @@ def test_dropless_drops_nothing_even_when_all_tokens_pick_one_expert():
         _, aux = mode()(random_input(16, D))
         assert aux.tokens_per_expert_E.tolist() == [16, 0, 0, 0]
         assert aux.num_dropped.item() == 0 and aux.dropped_per_expert_E.eq(0).all()
+
+
+# -------------------------------------------------------------------------------------------- ties
+# Equal scores: the lowest group and expert index win (routing.top_indices). Equal weights competing for a
+# capacity: the earlier token, then the earlier slot, is kept. The reference follows the same rules.
+
+
+def make_ties(layer: MoELayer, how: str) -> MoELayer:
+    """Zeroed router: every score equal. Saturated: distinct logits far up the sigmoid, every score 1.0.
+    Equal groups: each group's experts have the same scores, so the group scores tie and the experts do not."""
+    router = layer.router
+    M = layer.cfg.num_experts // layer.cfg.num_groups
+    big = 20.0 if router.gate.weight.dtype == torch.float32 else 40.0
+    with torch.no_grad():
+        for p in router.parameters():
+            p.zero_()
+        for buf in (router.expert_bias_E, router.group_bias_G):
+            if buf is not None:
+                buf.zero_()
+        if how == "saturated":
+            router.gate.bias.copy_(big + torch.arange(layer.cfg.num_experts).flip(0))
+        elif how == "equal_groups":
+            router.gate.bias.copy_(torch.linspace(-1.0, 1.0, M).repeat(layer.cfg.num_groups))
+    return layer
+
+
+TIE_CASES = [
+    Case(1, 1, 8, 2),
+    Case(2, 1, 8, 3, "learned", "sigmoid", renormalize=False, shared=1),
+    Case(4, 2, 8, 3, "derived", "softmax", "mlp"),
+    Case(4, 2, 8, 3, "derived", "sigmoid", "linear", renormalize=False, scaling=2.5),
+    Case(4, 3, 8, 5, "learned", "softmax", "mlp", expert_bias=True),
+]
+TIE_CAPACITY = {"dropless": {}, "expert": dict(capacity_factor=0.5), "group": dict(group_capacity_factor=0.75),
+                "both": dict(capacity_factor=0.75, group_capacity_factor=0.5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("capacity", TIE_CAPACITY)
+@pytest.mark.parametrize("case,how", [(case, how) for case in TIE_CASES for how in ("zeroed", "saturated", "equal_groups")
+                                      if how != "saturated" or case.score_func == "sigmoid"], ids=str)
+def test_ties_match_reference(case, how, capacity, dtype):
+    layer = make_ties(case.layer(dtype, **TIE_CAPACITY[capacity]).train(), how)
+    x = random_input(3, 4, D, dtype=dtype)
+    check_against_reference(layer, x, dtype)
+    _, aux = layer(x)
+    c_TE, _ = reference_routing(layer, x.reshape(-1, D))
+    assert torch.equal(aux.tokens_per_expert_E - aux.dropped_per_expert_E, c_TE.ne(0).sum(0))
+
+
+def test_ties_drop_the_later_token_then_the_later_slot():
+    # Zeroed router, G = 2 groups of 2, J = 1, K = 2: every token takes group 0 and experts 0 then 1, all
+    # weights 0.5. A group capacity of ceil(1.0 * 3 * 2 / 2) = 3 keeps token 0's two rows and token 1's first.
+    layer = make_ties(make_layer(dim=D, num_experts=4, num_groups=2, experts_per_token=2,
+                                 group_capacity_factor=1.0).train(), "zeroed")
+    y, aux = layer(random_input(3, D))
+    assert aux.routing.expert_ids_TK.tolist() == [[0, 1]] * 3
+    assert aux.dropped_per_expert_E.tolist() == [1, 2, 0, 0]
+    assert y[2].eq(0).all() and not y[1].eq(0).all()
+    # An expert capacity of ceil(1.0 * 6 * 2 / 4) = 3: experts 0 and 1 keep tokens 0-2 and drop 3-5.
+    layer = make_ties(make_layer(dim=D, num_experts=4, experts_per_token=2, capacity_factor=1.0).train(), "zeroed")
+    y, aux = layer(random_input(6, D))
+    assert aux.dropped_per_expert_E.tolist() == [3, 3, 0, 0]
+    assert y[3:].eq(0).all() and y[:3].ne(0).any(-1).all()
 
 
 # ------------------------------------------------------------------------------------------- aux

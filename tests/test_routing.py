@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dualroute.routing import Router, RouterConfig, RouterOptions
+from dualroute.routing import TIE_FREE_KEY_MIN_NUMEL, Router, RouterConfig, RouterOptions, top_indices
 
 
 def make_router(D=2, E=4, K=2, G=1, J=1, seed=0, dtype=torch.float64, **options) -> Router:
@@ -177,6 +177,85 @@ def test_huge_correction_bias_forces_selection_weights_stay_unbiased(group_route
     assert (routing.expert_ids_TK == 5).any(-1).all()
     assert routing.group_ids_TJ.eq(1).all()
     torch.testing.assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.expert_ids_TK))
+
+
+# ------------------------------------------------------------------------------- ties: lowest index wins
+# torch.topk promises no order among equal values. The router picks the lowest index among equal scores,
+# at both levels, on every device; the reference (a stable Python sort) does the same.
+
+
+def python_top(row: list[float], k: int) -> list[int]:
+    return sorted(range(len(row)), key=lambda i: -row[i])[:k]  # sorted is stable: equal -> lower index first
+
+
+TIE_VALUES = [float("-inf"), -2.0, -0.0, 0.0, 0.25, 1.0, 1.0 - 2**-24]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("T,n,k", [(1, 8, 2), (5, 3, 3), (2048, 8, 2), (300, 64, 8), (64, 1, 1)])
+def test_top_indices_lowest_index_wins(T, n, k, dtype):
+    # Both implementations are exercised: the int64-key topk (float32, >= TIE_FREE_KEY_MIN_NUMEL scores)
+    # and the stable sort (the rest); -0.0 and 0.0 are equal scores.
+    gen = torch.Generator().manual_seed(T * n + k)
+    values = torch.tensor(TIE_VALUES, dtype=dtype)
+    scores = values[torch.randint(len(TIE_VALUES), (n, T), generator=gen)].t()  # a transposed view
+    ids = top_indices(scores, k)
+    assert ids.shape == (T, k) and ids.dtype == torch.int64
+    assert ids.tolist() == [python_top(row, k) for row in scores.tolist()]
+
+
+def test_top_indices_takes_both_paths():
+    assert 2048 * 8 >= TIE_FREE_KEY_MIN_NUMEL > 5 * 3  # the parametrisation above covers the two
+
+
+def tie_router(G, J, K, dtype, **options) -> Router:
+    router = make_router(D=3, E=8, K=K, G=G, J=J, dtype=dtype, **options)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.zero_()
+    return router
+
+
+TIE_SHAPES = [(1, 1, 2), (2, 1, 3), (4, 2, 3), (4, 3, 5), (4, 4, 8)]  # (G, J, K) over E = 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+@pytest.mark.parametrize("G,J,K", TIE_SHAPES)
+@pytest.mark.parametrize("T", [3, 2048])
+def test_zeroed_router_takes_the_lowest_groups_and_experts(G, J, K, group_router, score_func, dtype, T):
+    router = tie_router(G, J, K, dtype, group_router=group_router, score_func=score_func)
+    routing = router(torch.randn(T, 3, dtype=dtype))
+    assert routing.group_ids_TJ.tolist() == [list(range(J))] * T
+    assert routing.expert_ids_TK.tolist() == [list(range(K))] * T
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 20.0), (torch.float64, 40.0)], ids=["float32", "float64"])
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+@pytest.mark.parametrize("G,J,K", TIE_SHAPES)
+def test_saturated_sigmoid_takes_the_lowest_experts(G, J, K, group_router, dtype, big):
+    # Distinct logits above ~17 (float32) or ~37 (float64) all give a sigmoid of exactly 1.0.
+    router = tie_router(G, J, K, dtype, group_router=group_router, score_func="sigmoid")
+    with torch.no_grad():
+        router.gate.bias.copy_(big + torch.arange(8.0).flip(0))  # the highest logit on the highest index
+    routing = router(torch.randn(5, 3, dtype=dtype))
+    assert routing.expert_logits_TE.unique().numel() == 8
+    assert routing.scores_TE.eq(routing.scores_TE[0, 0]).all()  # sigmoid 1.0 (learned: times p(g) = 1 / G)
+    assert routing.group_ids_TJ.tolist() == [list(range(J))] * 5
+    assert routing.expert_ids_TK.tolist() == [list(range(K))] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("group_router", ["learned", "derived"])
+def test_equal_group_scores_take_the_lowest_groups(group_router, dtype):
+    # Every group has the same experts' scores (0.1, 0.4): the group scores tie, experts inside do not.
+    router = tie_router(4, 2, 3, dtype, group_router=group_router, score_func="sigmoid", renormalize=False)
+    with torch.no_grad():
+        router.gate.bias.copy_(torch.tensor([logit(0.1), logit(0.4)] * 4))
+    routing = router(torch.randn(5, 3, dtype=dtype))
+    assert routing.group_ids_TJ.tolist() == [[0, 1]] * 5
+    assert routing.expert_ids_TK.tolist() == [[1, 3, 0]] * 5  # 0.4, 0.4, then the lower of the 0.1s
 
 
 # ---------------------------------------------------------------------------------------- options

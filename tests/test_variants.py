@@ -232,6 +232,18 @@ def test_expert_choice_aux():
     assert layer.router.gate.weight.grad is not None
 
 
+@pytest.mark.parametrize("T", [7, 3000])  # 3000 * 4 scores: the tie-free-key path of top_indices too
+def test_expert_choice_ties_take_the_earliest_tokens(T):
+    # A zeroed router scores every token alike: each expert takes tokens 0 .. C-1, as the loop reference does.
+    layer = make_layer(num_experts=4, experts_per_token=1, routing_mode="expert_choice", dtype=torch.float32)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    C = expert_choice_capacity(T, 1, 4, None)
+    _, aux = layer(random_input(T, 6, dtype=torch.float32))
+    taken_TE = aux.routing.expert_ids_TK >= 0
+    assert taken_TE[:C].all() and not taken_TE[C:].any()
+
+
 def test_expert_choice_train_and_eval_capacity():
     layer = make_layer(num_experts=4, experts_per_token=1, routing_mode="expert_choice", capacity_factor=2.0,
                        eval_capacity_factor=1.0)
