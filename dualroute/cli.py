@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation loss (as ratios to the twin's), and at the twin's training-time budget; mean ± std "
                     "over seeds. Writes compare.md, compare.json and compare.png to --out.",
         epilog="Time to target is interpolated linearly between evaluations, so it is known only to within one "
-               "eval interval: evaluate often, e.g. train.eval_every=10 for a 400-step run (2.5%% of it). Training "
+               "eval interval: evaluate often, e.g. train.eval_every=10 for a 400-step run (2.5% of it). Training "
                "seconds exclude evaluation and checkpointing, so frequent evals cost wall time, not measured time. "
                "A dense twin takes model.moe.* overrides on the MoE config it is the twin of, keeping its width "
                "equal to the MoE models' active experts.")
