@@ -329,20 +329,22 @@ def _ordinal(i: int) -> str:
 
 
 def _check_finite(logits_TE: torch.Tensor, group_logits_TG: torch.Tensor | None) -> None:
-    # A NaN logit makes topk return arbitrary experts; stop here with a clear message.
+    # A NaN logit makes the selection return arbitrary experts; stop here with a clear message.
     # One reduction and one host read per layer (set check_finite=False to skip it; inside
-    # deferred_finite_checks the read is shared by all layers): a sum is NaN or Inf exactly when some
-    # term is (finite float32 logits cannot overflow it in practice), and it is several times cheaper
-    # than isfinite().all() on small inputs.
-    total = logits_TE.sum()
+    # deferred_finite_checks the read is shared by all layers). The largest magnitude is NaN or Inf exactly
+    # when some logit is (max propagates NaN) and, unlike a sum, cannot overflow on finite logits of 1e36;
+    # abs + amax costs two to three times a sum, and a tenth of isfinite().all() at T=4096, on the CPU.
+    if logits_TE.numel() == 0:  # no token: nothing to check (amax has no identity)
+        return
+    largest = logits_TE.abs().amax()
     if group_logits_TG is not None:
-        total = total + group_logits_TG.sum()
+        largest = torch.maximum(largest, group_logits_TG.abs().amax())
     flags = getattr(_pending, "flags", None)
     if torch.compiler.is_compiling():
-        torch._assert_async(torch.isfinite(total), "dualroute: router logits contain NaN or Inf")
-    elif flags is not None and total.device.type not in IMMEDIATE_CHECK_DEVICE_TYPES:
-        flags.append(~torch.isfinite(total))
-    elif not math.isfinite(total.item()):
+        torch._assert_async(torch.isfinite(largest), "dualroute: router logits contain NaN or Inf")
+    elif flags is not None and largest.device.type not in IMMEDIATE_CHECK_DEVICE_TYPES:
+        flags.append(~torch.isfinite(largest))
+    elif not math.isfinite(largest.item()):
         raise ValueError(
             "router logits contain NaN or Inf (check the layer input and the router weights for "
             "non-finite values)"

@@ -4,11 +4,13 @@ numbers, correction bias, renormalisation/scaling, sigmoid scores, and training-
 Shapes: T tokens, D model dim, G groups, M experts per group, E = G*M, J groups kept, K experts kept.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 
+from dualroute import routing as routing_mod
 from dualroute.routing import TIE_FREE_KEY_MIN_NUMEL, Router, RouterConfig, RouterOptions, top_indices
 
 
@@ -256,6 +258,51 @@ def test_equal_group_scores_take_the_lowest_groups(group_router, dtype):
     routing = router(torch.randn(5, 3, dtype=dtype))
     assert routing.group_ids_TJ.tolist() == [[0, 1]] * 5
     assert routing.expert_ids_TK.tolist() == [[1, 3, 0]] * 5  # 0.4, 0.4, then the lower of the 0.1s
+
+
+# ------------------------------------------------------------------------------------ finite check
+# The router refuses NaN/Inf logits; finite logits, however large, pass. At once on the CPU; inside
+# deferred_finite_checks on a GPU one host read at the end (IMMEDIATE_CHECK_DEVICE_TYPES emptied runs it here).
+
+
+@pytest.fixture(params=["immediate", "deferred"])
+def finite_check(request, monkeypatch):
+    if request.param == "immediate":
+        return contextlib.nullcontext
+    monkeypatch.setattr(routing_mod, "IMMEDIATE_CHECK_DEVICE_TYPES", ())
+    return routing_mod.deferred_finite_checks
+
+
+@pytest.mark.parametrize("dtype,huge", [(torch.float32, 1e36), (torch.float32, 3e38), (torch.float64, 1e306)],
+                         ids=["float32-1e36", "float32-3e38", "float64-1e306"])
+@pytest.mark.parametrize("G,J", [(1, 1), (4, 2)])
+def test_huge_finite_logits_pass_the_finite_check(G, J, dtype, huge, finite_check):
+    # 64 tokens x 8 logits of 1e36 sum to 5e38, past float32's largest finite 3.4e38.
+    router = make_router(D=3, E=8, K=2, G=G, J=J, dtype=dtype)
+    with torch.no_grad():
+        for linear in (router.gate, router.group_gate):
+            if linear is not None:
+                linear.weight.zero_()
+                linear.bias.fill_(huge)
+    with finite_check():
+        routing = router(torch.randn(64, 3, dtype=dtype))
+    assert routing.expert_logits_TE.isfinite().all() and routing.weights_TK.isfinite().all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["expert", "group"])
+def test_one_non_finite_logit_fails_the_finite_check(where, bad, finite_check):
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(5, 8), (3, 72)]:  # every position, so a vectorised reduction's tail is covered too
+        logits = {"expert": torch.randn(shape, generator=gen), "group": torch.randn(shape[0], 4, generator=gen)}
+        flat = logits[where].view(-1)
+        for i in range(flat.numel()):
+            saved, flat[i] = flat[i].item(), bad
+            with pytest.raises(ValueError, match="NaN or Inf"), finite_check():
+                routing_mod._check_finite(logits["expert"], logits["group"])
+            flat[i] = saved
+        with finite_check():
+            routing_mod._check_finite(logits["expert"], logits["group"])  # all finite again: passes
 
 
 # ---------------------------------------------------------------------------------------- options
