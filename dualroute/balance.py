@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import losses
+from .config_types import check_field_types
 from .routing import Router, Routing
 
 
@@ -36,6 +37,7 @@ class BalanceConfig:
     load: float = 0.0  # CV^2 of the summed kept gate values (see losses.load_loss)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for f in fields(self):
             losses.check_loss_weight(f.name, getattr(self, f.name))
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_types import check_field_types
+
 ExpertKind = Literal["linear", "mlp", "swiglu"]
 Activation = Literal["gelu", "relu", "silu"]
 
@@ -47,6 +49,7 @@ class ExpertConfig:
     out_dim: int | None = None  # O; defaults to D
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("dim", "hidden", "num_experts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

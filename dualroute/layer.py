@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .balance import BalanceConfig, aux_losses, weighted_total
+from .config_types import check_field_types
 from .dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from .expert_choice import choose_tokens, expert_choice_capacity, run_experts
 from .experts import ExpertConfig, ExpertKind, Experts
@@ -55,6 +56,7 @@ class MoEConfig:
     routing_mode: Literal["token_choice", "expert_choice"] = "token_choice"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         # Building the sub-configs validates every field and names the bad value.
         self.router_config()
         self.expert_config()

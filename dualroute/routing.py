@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_types import check_field_types
+
 GroupRouterKind = Literal["learned", "derived"]
 GroupScore = Literal["top2_sum", "max", "sum"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -55,6 +57,7 @@ class RouterOptions:
     check_finite: bool = True  # raise on NaN/Inf router logits instead of routing garbage
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         _check_choice("group_router", self.group_router, ("learned", "derived"))
         _check_choice("group_score", self.group_score, ("top2_sum", "max", "sum"))
         _check_choice("score_func", self.score_func, ("softmax", "sigmoid"))
@@ -77,6 +80,7 @@ class RouterConfig:
     options: RouterOptions = field(default_factory=lambda: RouterOptions())
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("dim", "num_experts", "experts_per_token", "num_groups", "groups_per_token"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -13,7 +13,7 @@ J groups per token, K experts per token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 import torch
@@ -26,11 +26,11 @@ from conftest import TOL, assert_same_grads, fast, make_layer, output_and_grads,
 from dualroute import layer as layer_mod
 from dualroute.balance import BalanceConfig
 from dualroute.dispatch import plan_dispatch
-from dualroute.experts import Experts
+from dualroute.experts import ExpertConfig, Experts
 from dualroute.layer import DenseFFN, MoEConfig, MoELayer
 from dualroute.seed import load_seed_state_dict, seed_config
 from dualroute.reference import reference_forward, reference_routing
-from dualroute.routing import RouterOptions
+from dualroute.routing import RouterConfig, RouterOptions
 
 D = 8  # model dim; with hidden 4, float32 rows are 16-byte aligned so torch._grouped_mm can run
 
@@ -652,6 +652,69 @@ def test_bad_config(build, words):
         build()
     for word in words:
         assert word in str(info.value)
+
+
+# Python's bool is an int, so True passed every "positive int" and "number > 0" check (hidden=True built a layer
+# of width 1). Each int field refuses a bool, each float field a bool (an int is a fine float), each flag a non-bool.
+CONFIG_CLASSES = {  # class -> the smallest valid keyword set
+    MoEConfig: dict(dim=4, hidden=4), RouterConfig: dict(dim=4, num_experts=4), RouterOptions: {},
+    BalanceConfig: {}, ExpertConfig: dict(dim=4, hidden=4, num_experts=2),
+}
+INT_FIELDS = {
+    MoEConfig: ["dim", "hidden", "num_experts", "experts_per_token", "num_groups", "groups_per_token", "out_dim",
+                "num_shared_experts", "shared_hidden"],
+    RouterConfig: ["dim", "num_experts", "experts_per_token", "num_groups", "groups_per_token"],
+    ExpertConfig: ["dim", "hidden", "num_experts", "out_dim"],
+}
+FLOAT_FIELDS = {
+    MoEConfig: ["capacity_factor", "eval_capacity_factor", "group_capacity_factor", "eval_group_capacity_factor"],
+    RouterOptions: ["scaling_factor", "jitter_eps"],
+    BalanceConfig: ["switch", "group_switch", "z", "group_z", "importance", "load"],
+}
+BOOL_FIELDS = {
+    MoEConfig: ["expert_bias", "shared_gate"],
+    RouterOptions: ["bias", "renormalize", "correction_bias", "noisy_gating", "check_finite"],
+    ExpertConfig: ["bias"],
+}
+
+
+def typed_fields(table: dict) -> list:
+    return [pytest.param(cls, name, id=f"{cls.__name__}.{name}") for cls, names in table.items() for name in names]
+
+
+def refuses(cls: type, name: str, value: object) -> None:
+    with pytest.raises(TypeError) as info:
+        cls(**{**CONFIG_CLASSES[cls], name: value})
+    assert name in str(info.value) and repr(value) in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("cls,name", typed_fields(INT_FIELDS))
+def test_int_fields_refuse_bools_and_floats(cls, name):
+    for value in (True, False, 2.0, "2"):
+        refuses(cls, name, value)
+
+
+@pytest.mark.parametrize("cls,name", typed_fields(FLOAT_FIELDS))
+def test_float_fields_refuse_bools_and_take_ints(cls, name):
+    for value in (True, False, "0.5"):
+        refuses(cls, name, value)
+    assert getattr(cls(**{**CONFIG_CLASSES[cls], name: 1 if name != "jitter_eps" else 0}), name) in (0, 1)
+
+
+@pytest.mark.parametrize("cls,name", typed_fields(BOOL_FIELDS))
+def test_bool_fields_take_only_bools(cls, name):
+    for value in ("yes", 1, 0, None):
+        refuses(cls, name, value)
+    for value in (True, False):
+        assert getattr(cls(**{**CONFIG_CLASSES[cls], name: value}), name) is value
+
+
+def test_typed_field_lists_are_complete():
+    # A new int/float/bool field of a core config must join the lists above (and so be checked).
+    for cls in CONFIG_CLASSES:
+        for table, kind in ((INT_FIELDS, "int"), (FLOAT_FIELDS, "float"), (BOOL_FIELDS, "bool")):
+            want = {f.name for f in fields(cls) if f.type.replace(" | None", "") == kind}
+            assert set(table.get(cls, [])) == want, (cls.__name__, kind)
 
 
 def test_wrong_last_dimension():
