@@ -229,6 +229,15 @@ def test_iter_eval_batches_walks_in_order():
         list(data.iter_eval_batches("train", 3, 10, max_batches=0))
 
 
+def test_iter_eval_batches_spreads_a_limited_evaluation_over_the_whole_split():
+    data = TokenDataset(np.arange(1001, dtype=np.int64), val_fraction=0.0)  # 100 windows of 10
+    x_BS = torch.cat([x for x, _ in data.iter_eval_batches("train", 2, 10, max_batches=2)])
+    assert x_BS[:, 0].tolist() == [0, 330, 660, 990]  # first and last window, evenly between
+    assert len({int(v) for v in x_BS.flatten()}) == x_BS.numel()  # windows never overlap
+    with pytest.raises(ValueError, match="max_batches"):
+        list(data.iter_eval_batches("train", 3, 10, max_batches=0))
+
+
 def test_token_dataset_from_parts_keeps_the_parts_apart():
     data = TokenDataset.from_parts(np.arange(50, dtype=np.uint16), np.arange(50, 60, dtype=np.uint16))
     assert data.n_train == 50 and data.val_fraction == pytest.approx(1 / 6)

@@ -172,12 +172,18 @@ class TokenDataset:
 
     def iter_eval_batches(self, split: Split, batch_size: int, seq_len: int,
                           max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Walk the split in order with non-overlapping windows; the last batch may be smaller."""
+        """Non-overlapping windows in order; the last batch may be smaller.
+
+        With ``max_batches`` covering fewer windows than the split holds, the windows are spread evenly
+        over the whole split (a large validation split is sampled end to end, not read from its start).
+        """
         tokens = self._checked_split(split, batch_size, seq_len)
         if max_batches is not None and max_batches <= 0:
             raise ValueError(f"max_batches must be positive or None, got {max_batches}")
         n_windows = (len(tokens) - 1) // seq_len
-        starts = range(0, n_windows * seq_len, seq_len)
+        starts = np.arange(n_windows) * seq_len
+        if max_batches is not None and max_batches * batch_size < n_windows:
+            starts = starts[np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(np.int64)]
         for batch_index, first in enumerate(range(0, n_windows, batch_size)):
             if max_batches is not None and batch_index >= max_batches:
                 return
