@@ -346,3 +346,11 @@ def test_unwritable_output(digits_ckpt, tmp_path, capsys):
 
 def test_bad_batches(digits_ckpt, tmp_path, capsys):
     assert "batches" in error_of([str(digits_ckpt), "--batches", "0", "--out", str(tmp_path)], capsys)
+
+
+def test_data_labels_name_the_stdlib_corpus():
+    from dualroute.inspect.collect import _data_label
+    from dualroute.train.presets import get_preset, override
+
+    assert "standard library" in _data_label(override(get_preset("lm-dual"), ["data.kind=stdlib"]), None)
+    assert _data_label(get_preset("lm-dual"), None) == "the embedded corpus"

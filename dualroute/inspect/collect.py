@@ -227,6 +227,8 @@ def _data_label(cfg: RunConfig, data: str | Path | None) -> str:
         return str(data)
     if cfg.data.path is not None:
         return f"{cfg.data.path} ({cfg.data.kind})"
+    if cfg.data.kind == "stdlib":
+        return "the Python standard library's source (data.kind=stdlib)"
     return "the embedded corpus" if cfg.data.kind in TEXT_KINDS else f"the bundled {cfg.data.kind} dataset"
 
 
