@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "whose model is dense, e.g. lm-dense)")
     p.add_argument("--config", help="TOML file applied on top of every preset (before the overrides)")
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run")
+    p.add_argument("--lrs", metavar="LR,LR,...", help="learning-rate sweep: each preset trains the first seed at "
+                   "each rate and keeps its best (lowest final val_loss) for all seeds")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
@@ -160,8 +163,6 @@ def _leave(code: int) -> int:
             sys.stderr.flush()
             os._exit(code)
     return code
-
-
 
 
 def _one_line(e: BaseException) -> str:
@@ -257,9 +258,22 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     if runs:
         print(write_report(runs, out, baseline))
     else:
-        print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet))
+        print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet,
+                          lrs=_lrs(args.lrs)))
     print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}" + ("" if runs else f", {out / 'compare.json'}"))
     return 0
+
+
+def _lrs(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--lrs takes comma-separated learning rates, got {text!r}") from None
+    if not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise UsageError(f"--lrs takes distinct positive learning rates, got {text!r}")
+    return lrs
 
 
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare}

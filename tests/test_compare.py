@@ -162,6 +162,37 @@ def test_compare_command_with_config_file(tmp_path, capsys):
     assert (out / "compare.md").read_text() == table and "compare.json" not in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, monkeypatch):
+    from dualroute.train import compare
+
+    final = {("digits-dense", 0.001): 0.5, ("digits-dense", 0.003): 0.7,  # dense prefers 1e-3, dual 3e-3
+             ("digits-dual", 0.001): 0.9, ("digits-dual", 0.003): 0.6}
+    trained = []
+
+    def fake_run(cfg, seed, preset, progress):
+        trained.append((preset, seed, cfg.train.lr, cfg.train.out_dir))
+        loss = final[(preset, cfg.train.lr)] - 0.01 * seed
+        evals = [{"step": 0, "val_loss": 2.0, "train_time": 0.0},
+                 {"step": 3, "val_loss": loss, "train_time": 1.0}]
+        summary = {"params_active": 1, "params_total": 2, "throughput": 10.0, "unit": "images"}
+        return {"preset": preset, "seed": seed, "lr": cfg.train.lr, "summary": summary, "evals": evals}
+
+    monkeypatch.setattr(compare, "_run_one", fake_run)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--presets", "digits-dense,digits-dual", "--seeds", "0,1", "--out", str(out),
+                 "--quiet", "--lrs", "1e-3,3e-3"]) == 0
+    assert [(p, s, lr) for p, s, lr, _ in trained] == [
+        ("digits-dense", 0, 0.001), ("digits-dual", 0, 0.001), ("digits-dense", 0, 0.003), ("digits-dual", 0, 0.003),
+        ("digits-dense", 1, 0.001), ("digits-dual", 1, 0.003)]
+    assert len({d for *_, d in trained}) == 6  # every run in its own directory
+    runs = json.loads((out / "compare.json").read_text())
+    assert [(r["seed"], r["lr"]) for r in runs["digits-dual"]] == [(0, 0.003), (1, 0.003)]
+    table = (out / "compare.md").read_text()
+    assert "| digits-dense | **0.5000** | 0.7000 |" in table and "| digits-dual | 0.9000 | **0.6000** |" in table
+    assert main(["compare", "--presets", "digits-dense", "--lrs", "1e-3,x"]) == 2
+    assert "--lrs takes comma-separated learning rates, got '1e-3,x'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--presets", "digits-dual,digits-flat"], "no dense preset among digits-dual, digits-flat"),
     (["compare", "--presets", "digits-dual", "--config", "missing.toml"], "config file not found: missing.toml"),

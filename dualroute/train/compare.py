@@ -292,24 +292,57 @@ def _run_one(cfg: RunConfig, seed: int, preset: str, progress: bool) -> Run:
 
     summary = train(cfg, progress=None if progress else False)
     evals = [r for r in read_jsonl(Path(cfg.train.out_dir) / "metrics.jsonl") if "val_loss" in r]
-    return {"preset": preset, "seed": seed, "summary": summary.to_dict(), "evals": evals}
+    return {"preset": preset, "seed": seed, "lr": cfg.train.lr, "summary": summary.to_dict(), "evals": evals}
 
 
 def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, baseline: str,
-                steps: int | None = None, progress: bool = True) -> str:
+                steps: int | None = None, progress: bool = True, lrs: list[float] | None = None) -> str:
     """Train every config with every seed under ``out/<preset>/seed<s>``; write compare.md / .json / .png
-    there and return the table."""
+    there and return the table.
+
+    With ``lrs``, every preset first trains the first seed at each learning rate (``out/<preset>/lr<lr>``)
+    and keeps the one with the lowest final val_loss for all seeds: each model at its own best rate.
+    """
+    def run(preset: str, seed: int, lr: float | None) -> Run:
+        where = out / preset / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
+        extra = [f"train.seed={seed}", f"train.out_dir={where}"] + ([f"train.lr={lr!r}"] if lr is not None else [])
+        extra += [f"train.steps={steps}"] if steps is not None else []
+        return _run_one(override(configs[preset], extra), seed, preset, progress)
+
     runs: Runs = {p: [] for p in configs}
+    chosen: dict[str, float | None] = dict.fromkeys(configs)
+    if lrs:
+        sweep = {p: {} for p in configs}
+        for lr in lrs:  # rate-major: a slow spell on a shared machine hits every preset
+            for preset in configs:
+                sweep[preset][lr] = run(preset, seeds[0], lr)
+        for preset, by_lr in sweep.items():
+            chosen[preset] = min(by_lr, key=lambda lr: by_lr[lr]["evals"][-1]["val_loss"])
+            runs[preset].append(by_lr[chosen[preset]])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LR_SWEEP_FILE).write_text(json.dumps(
+            {p: {f"{lr!r}": by_lr[lr]["evals"][-1]["val_loss"] for lr in lrs} for p, by_lr in sweep.items()},
+            indent=1))
     # Seed-major order: a slow spell on a shared machine then hits every preset, not just one.
-    for seed in seeds:
-        for preset, base in configs.items():
-            extra = [f"train.seed={seed}", f"train.out_dir={out / preset / f'seed{seed}'}"]
-            if steps is not None:
-                extra.append(f"train.steps={steps}")
-            runs[preset].append(_run_one(override(base, extra), seed, preset, progress))
+    for seed in seeds[1:] if lrs else seeds:
+        for preset in configs:
+            runs[preset].append(run(preset, seed, chosen[preset]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(runs, indent=1))
     return write_report(runs, out, baseline)
+
+
+LR_SWEEP_FILE = "lr_sweep.json"  # preset -> {learning rate: final val_loss of the first seed}
+
+
+def lr_sweep_table(sweep: dict[str, dict[str, float]]) -> str:
+    """Markdown: each preset's final val_loss (first seed) at each learning rate, the kept one in bold."""
+    lrs = list(next(iter(sweep.values())))
+    lines = [_row(["preset", *(f"lr {float(lr):g}" for lr in lrs)]), "|" + "---|" * (len(lrs) + 1)]
+    for preset, by_lr in sweep.items():
+        best = min(by_lr, key=by_lr.get)
+        lines.append(_row([preset, *(f"**{v:.4f}**" if lr == best else f"{v:.4f}" for lr, v in by_lr.items())]))
+    return "\n".join(lines) + "\n\nFinal val_loss of the first seed at each learning rate; bold: the rate kept."
 
 
 def read_runs(out: Path) -> Runs:
@@ -323,6 +356,8 @@ def read_runs(out: Path) -> Runs:
 def write_report(runs: Runs, out: Path, baseline: str) -> str:
     """Write compare.md and compare.png to ``out``; return the table."""
     table = compare_table(runs, baseline)
+    if (out / LR_SWEEP_FILE).is_file():
+        table += "\n\n" + lr_sweep_table(json.loads((out / LR_SWEEP_FILE).read_text()))
     (out / "compare.md").write_text(table + "\n")
     plot_compare(runs, out / "compare.png", baseline)
     return table
