@@ -36,7 +36,8 @@ from dualroute.data import (
     write_mnist_idx,
     write_token_bin,
 )
-from dualroute.data.image_files import find_cifar10_batches, read_batch_pickle, write_cifar10_bin_batch
+from dualroute.data.image_files import find_cifar10_batches, write_cifar10_bin_batch
+from dualroute.data.pickle_reader import read_batch_pickle
 
 SAMPLE = "The quick brown fox — naïve café, 東京 🚀\n\ttabs and  spaces.\n"
 
