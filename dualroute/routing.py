@@ -18,7 +18,9 @@ With G = 1 both reduce to flat top-k routing; with K = E (and J = G) every exper
 used, which is the seed's dense soft mixture ``y = sum_i p_i f_i(x)``.
 
 Ties, at both levels and on every device: among equal scores the lowest index wins (``top_indices``),
-and the K kept experts are listed best first, equal scores in index order.
+and the K kept experts are listed best first, equal scores in index order. Ties are between equal computed
+values: on the CPU two equal tokens need not get bit-equal logits from a matmul, nor bit-equal sigmoid scores
+(PyTorch's vectorised sigmoid and its scalar remainder round differently), so their rows may not tie.
 """
 
 from __future__ import annotations
