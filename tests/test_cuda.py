@@ -120,6 +120,38 @@ def test_layer_matches_reference(build, size, dtype):
     check_layer_on_device(build(dim=D, hidden=hidden), T, dtype)
 
 
+@pytest.mark.parametrize("T,n,k", [(7, 8, 2), (2048, 8, 2), (300, 64, 8)])  # the sort and the int64-key paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_top_indices_ties_on_the_device(T, n, k, dtype):
+    """Among equal scores the lowest index wins on the device too (torch.topk promises no tie order)."""
+    from dualroute.routing import top_indices
+    values = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 0.5, 1.0], dtype=dtype)
+    scores = values[torch.randint(len(values), (T, n), generator=torch.Generator().manual_seed(T))]
+    want = [sorted(range(n), key=lambda i: -row[i])[:k] for row in scores.tolist()]
+    assert top_indices(scores.to(DEVICE), k).cpu().tolist() == want
+
+
+@pytest.mark.parametrize("build", [LAYERS["dual-learned-G4J2-E8K3-mlp-shared"], LAYERS["derived-G4J2-E8K3-sigmoid-cbias"]],
+                         ids=["learned", "derived"])
+def test_zeroed_router_ties_and_capacity_on_the_device(build):
+    """Every score equal: groups 0..J-1 and experts 0..K-1 for each token, the later tokens dropped over capacity,
+    and the output and gradients of the reference (which follows the same rules)."""
+    layer = build(capacity_factor=0.5, group_capacity_factor=0.75).train()
+    with torch.no_grad():
+        for p in layer.router.parameters():
+            p.zero_()
+        for buf in layer.router.buffers():
+            buf.zero_()
+    T, (J, K) = 1024, (layer.cfg.groups_per_token, layer.cfg.experts_per_token)
+    on_device = copy.deepcopy(layer).to(DEVICE)
+    _, aux = on_device(torch.randn(T, layer.cfg.dim, device=DEVICE))
+    assert aux.routing.group_ids_TJ.cpu().tolist() == [list(range(J))] * T
+    assert aux.routing.expert_ids_TK.cpu().tolist() == [list(range(K))] * T
+    _, aux_cpu = layer(torch.randn(T, layer.cfg.dim))
+    assert torch.equal(aux.dropped_per_expert_E.cpu(), aux_cpu.dropped_per_expert_E)
+    check_layer_on_device(layer, 40, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_layer_with_empty_experts(dtype):
     """Experts 1 and 6 can never win (router bias -1000): no rows, exactly zero gradient, the rest as the reference."""
