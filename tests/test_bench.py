@@ -3,6 +3,7 @@ The layer, LM, generation and HF benchmarks run end to end on tiny sizes and rep
 ``--device`` / ``--dtype`` reach the setup and the header, and bad values are usage errors naming them."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,13 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dualroute import experts
 from dualroute import layer as layer_mod
 from dualroute import routing
 from dualroute import bench
 from dualroute.bench import hf as bench_hf
-from dualroute.bench.common import Contender, synchronizer, time_alternating
+from dualroute.bench.common import (TUNING_ENV, Contender, describe_device, device_setup, synchronizer,
+                                    time_alternating)
 from dualroute.bench.generate import main as run_generate
 from dualroute.bench.layer import main as run_layer
+from dualroute.bench.layer import on_the_loop
 from dualroute.bench.lm import lm_train_step
 from dualroute.bench.lm import main as run_lm
 
@@ -63,6 +67,25 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["moe_over_dense"] == pytest.approx(medians["moe_vs_dense"]["moe_E8_K2"]
                                                      / medians["moe_vs_dense"]["dense_F2x"])
     assert result["setup"]["T"] == 8
+    scaling = medians["scaling_E"]  # on the CPU the per-expert loop is timed beside the padded blocks
+    assert {"moe_E64_K2_loop", "moe_E8_K2_loop"} <= scaling.keys()
+    assert result["loop_e64_over_dense"] == pytest.approx(scaling["moe_E64_K2_loop"] / scaling["dense_F2x"])
+
+
+def test_on_the_loop_turns_the_cpu_padded_blocks_off_for_its_step():
+    seen = []
+    on_the_loop(lambda: seen.append(experts.PADDED_DEVICE_TYPES))()
+    assert "cpu" not in seen[0] and "cuda" in seen[0]
+    assert "cpu" in experts.PADDED_DEVICE_TYPES  # restored
+
+
+def test_header_names_allocator_and_threading_settings(monkeypatch):
+    for name in [k for k in os.environ if k.startswith(TUNING_ENV)]:
+        monkeypatch.delenv(name)
+    assert describe_device(torch.device("cpu"), 2) == "cpu, 2 threads"
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert describe_device(torch.device("cpu"), 2) == "cpu, 2 threads, MALLOC_MMAP_MAX_=0"
+    assert device_setup(torch.device("cpu"), 2)["env"] == {"MALLOC_MMAP_MAX_": "0"}
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--presets", ","],
@@ -268,3 +291,18 @@ def test_bench_hf_failing_contender_is_reported_and_the_rest_run(tmp_path, monke
     assert all(r["note"] == "failed: no kernel for this dtype on this device" for r in eager)
     assert all(r["median_ms"] is not None for r in records if r["contender"] != "hf-eager")
     assert "hf-eager failed: no kernel" in capsys.readouterr().out
+
+
+def test_bench_presets_resize_the_dense_twin_with_the_moe():
+    """model.moe.* overrides reach the dense twin's dense_twin_of, so bench lm keeps active sizes equal."""
+    import argparse
+
+    from dualroute.bench.common import preset_configs
+    from dualroute.models import param_counts
+    from dualroute.train.tasks import make_task
+
+    configs = preset_configs(argparse.ArgumentParser(), "lm-dense,lm-flat", ["model.moe.hidden=64", "model.dim=64"])
+    dense, flat = configs["lm-dense"].model, configs["lm-flat"].model
+    assert dense.dense_twin_of.hidden == flat.moe.hidden == 64 and dense.dim == dense.dense_twin_of.dim == 64
+    active = {n: param_counts(make_task(c).build_model())[1] for n, c in configs.items()}
+    assert abs(active["lm-flat"] - active["lm-dense"]) <= flat.moe.num_experts * 64 * flat.n_layers  # the routers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -71,15 +72,16 @@ def parse_counts(p: argparse.ArgumentParser, argv: list[str], counts: tuple[str,
 
 
 def preset_configs(p: argparse.ArgumentParser, presets: str, overrides: list[str]) -> dict:
-    """``{name: RunConfig}`` for the comma-separated language-model presets, each with the overrides applied;
-    an image preset is a usage error."""
+    """``{name: RunConfig}`` for the comma-separated language-model presets, each with the overrides applied
+    as ``dualroute compare`` applies them (a dense twin takes ``model.moe.*`` on the MoE config it is the twin
+    of); an image preset is a usage error."""
     from ..models import LMConfig
-    from ..train.presets import get_preset, override
+    from ..train.compare import preset_configs as configured
 
     names = [n for n in presets.split(",") if n]
     if not names:
         p.error("--presets names no preset")
-    configs = {n: override(get_preset(n), overrides) for n in names}
+    configs = configured(names, overrides)
     for name, cfg in configs.items():
         if not isinstance(cfg.model, LMConfig):
             p.error(f"--presets: {name!r} is an image classifier; this benchmark times language models")
@@ -93,20 +95,31 @@ def synchronizer(device: torch.device) -> Callable[[], None] | None:
     return None
 
 
+# Environment variables that change how the process allocates memory or runs threads, and with that the
+# timings (glibc malloc's MALLOC_*_, PyTorch's huge-page switch, OpenMP / MKL threading, a preloaded allocator).
+TUNING_ENV = ("MALLOC_", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_", "MKL_", "LD_PRELOAD")
+
+
+def tuning_env() -> dict[str, str]:
+    """The ``TUNING_ENV`` variables set in this process."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_ENV)}
+
+
 def device_setup(device: torch.device, threads: int) -> dict:
     """The device fields of a benchmark's JSON ``setup``; ``threads`` counts only on the CPU."""
     if device.type == "cuda":
         return {"device": str(device), "device_name": torch.cuda.get_device_name(device), "threads": None,
-                "cuda": torch.version.cuda, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                "cuda": torch.version.cuda, "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                "env": tuning_env()}
     return {"device": "cpu", "device_name": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "threads": threads}
+            "threads": threads, "env": tuning_env()}
 
 
 def describe_device(device: torch.device, threads: int) -> str:
-    """``cpu, 2 threads`` or ``cuda:0 (NVIDIA H200)``, for a header line."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu, {threads} threads"
+    """``cpu, 2 threads`` or ``cuda:0 (NVIDIA H200)``, for a header line, then any ``TUNING_ENV`` setting."""
+    env = " ".join(f"{k}={v}" for k, v in tuning_env().items())
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu, {threads} threads"
+    return f"{where}, {env}" if env else where
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
