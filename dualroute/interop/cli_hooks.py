@@ -22,8 +22,12 @@ def convert_main(argv: list[str]) -> int:
     """``dualroute convert SRC DST --to {dualroute,hf}``: between a Hugging Face folder and a dualroute checkpoint."""
     parser = argparse.ArgumentParser(
         prog="dualroute convert", description="Convert a Mixtral / Qwen2-MoE / DeepSeek-V3 / OLMoE checkpoint "
-        "between the Hugging Face format (config.json + safetensors) and a dualroute checkpoint.")
-    parser.add_argument("src", help="a Hugging Face folder (config.json) or a dualroute checkpoint (meta.json)")
+        "between the Hugging Face format (config.json + safetensors) and a dualroute checkpoint, or export a "
+        "language model trained by `dualroute train` (--to hf): as a native Mixtral checkpoint when it is exactly "
+        "one, else in the Hub's custom-code format (trust_remote_code=True); --to dualroute brings such an "
+        "export back to a training checkpoint.")
+    parser.add_argument("src", help="a Hugging Face folder (config.json), a dualroute checkpoint (meta.json), or a "
+                        "run directory of dualroute train")
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--to", required=True, choices=("dualroute", "hf"), help="output format")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="weight dtype (default: as stored)")
@@ -32,10 +36,16 @@ def convert_main(argv: list[str]) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .export import is_custom_export, is_training_run
     from .hf import copy_extra_files, load_model, save_dualroute, save_hf
 
+    if not Path(args.src).exists():
+        raise FileNotFoundError(f"no such folder: {args.src} (expected a Hugging Face folder, a dualroute checkpoint "
+                                "or a run directory of dualroute train)")
     if Path(args.dst).resolve() == Path(args.src).resolve():
         raise ValueError(f"destination {args.dst} is the source folder; choose another one")
+    if is_training_run(args.src) or is_custom_export(args.src):
+        return _convert_trained(args, custom=is_custom_export(args.src))
     model = load_model(args.src, dtype=_DTYPES.get(args.dtype))
     if args.to == "hf":
         save_hf(model, args.dst, max_shard_bytes=int(args.max_shard_gb * 2**30))
@@ -45,6 +55,25 @@ def _convert(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({args.to} format, {model.cfg.model_type}, {n_params:,} parameters"
           + (f"; copied {', '.join(copied)}" if copied else "") + ")")
+    return 0
+
+
+def _convert_trained(args: argparse.Namespace, custom: bool) -> int:
+    """A run of ``dualroute train`` -> transformers (``--to hf``); a custom-code export back (``--to dualroute``)."""
+    from .export import export_run, import_custom_export
+
+    if custom and args.to == "dualroute":
+        path = import_custom_export(args.src, args.dst)
+        print(f"wrote {path} (a dualroute training checkpoint: dualroute generate / eval read it)")
+        return 0
+    if custom:
+        raise ValueError(f"{args.src} is already a transformers export of a dualroute run (model_type 'dualroute'); "
+                         "--to dualroute converts it back")
+    if args.to != "hf":
+        raise ValueError(f"{args.src} is a dualroute training run already; --to hf exports it for transformers")
+    export = export_run(args.src, args.dst, dtype=_DTYPES.get(args.dtype),
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(export.describe())
     return 0
 
 
