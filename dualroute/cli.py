@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the compare.json of an earlier compare in --out")
 
     sub.add_parser("bench", help="benchmarks: layer, balance, hf, ep (dualroute bench layer --help)", add_help=False)
-    sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute (dualroute convert --help)",
+    sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute; a trained LM -> transformers "
+                   "(dualroute convert --help)",
                    add_help=False)
     sub.add_parser("inspect", help="routing figures and report of a checkpoint (dualroute inspect --help)",
                    add_help=False)
