@@ -9,15 +9,17 @@ Kinds: ``linear`` (the seed's expert, ``x W + b``), ``mlp`` (``act(x W1 + b1) W2
 subclasses nothing: it is one more branch in ``Experts.forward`` with its own weights, fed
 the same ``(x_ND, counts_E)``.
 
-Two ways to run the experts, chosen per call (``padded_capacity``):
+Two ways to run the experts, chosen per call (``padded_blocks``):
 
 * ``grouped_mm``: ``torch._grouped_mm`` on the sorted rows. On CUDA in bfloat16 (compute capability
-  >= 9.0) that is one fused grouped GEMM. Elsewhere PyTorch runs it as a loop of one matmul per expert,
-  which on the CPU is cheap but on a GPU reads each expert's row offset back to the host: one
-  synchronisation per expert and matmul.
-* ``Experts._forward_padded``: one ``torch.bmm`` over an ``(E, capacity, D)`` block, every expert's
-  rows padded to the largest count. On CUDA without the fused kernel (float32, float16) it replaces
-  those per-expert round trips with one host read of the capacity (``dualroute bench lm --device cuda``).
+  >= 9.0) that is one fused grouped GEMM. Elsewhere PyTorch runs it as a loop of one matmul per expert:
+  on a GPU each reads its row offset back to the host (one synchronisation per expert and matmul); on
+  the CPU each small product is split over the intra-op threads, which join after it.
+* ``Experts._forward_padded``: one ``torch.bmm`` per block of consecutive experts, every expert's rows
+  padded to the largest count of its block (``PaddedBlocks``). On CUDA without the fused kernel (float32,
+  float16) one block over all experts replaces those per-expert round trips with one host read of the
+  capacity (``dualroute bench lm --device cuda``). On the CPU a few blocks run many small experts
+  (``cpu_blocks``), where the loop's many small two-threaded products cost more than the padding.
 
 ``segment_mm`` is the plain reference both are tested against.
 """
@@ -101,28 +103,29 @@ class Experts(nn.Module):
         return self.w13 if self.cfg.kind == "swiglu" else self.w1
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        capacity = padded_capacity(x_ND, counts_E)
-        if capacity is not None:
-            return self._forward_padded(x_ND, counts_E, capacity)
+        blocks = padded_blocks(x_ND, counts_E)
+        if blocks is not None:
+            return self._forward_padded(x_ND, counts_E, blocks)
         h_NF = grouped_mm(x_ND, self.first_weight(), counts_E, self.b1)
         if self.cfg.kind == "linear":
             return h_NF
         return grouped_mm(self._activate(h_NF), self.w2, counts_E, self.b2)
 
-    def _forward_padded(self, x_ND: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:
-        """``forward`` computed on an ``(E, capacity, D)`` block: expert e's rows at the top of block e.
+    def _forward_padded(self, x_ND: torch.Tensor, counts_E: torch.Tensor, blocks: PaddedBlocks) -> torch.Tensor:
+        """``forward`` computed on padded blocks (``PaddedBlocks``): expert e's rows at the top of its
+        ``capacity`` rows, one ``torch.bmm`` per block of experts and matmul.
 
         The padding rows below start as zeros, are computed with the rest and are never read back, so
-        they add nothing to any gradient. ``capacity`` must be at least ``counts_E.max()``.
+        they add nothing to any gradient. Each block's capacity must be at least its experts' largest count.
         """
-        E, (N, D) = self.cfg.num_experts, x_ND.shape
+        N, D = x_ND.shape
         x_ND, w1, b1, w2, b2 = _compute_dtype(
             x_ND, self.first_weight(), self.b1, getattr(self, "w2", None), getattr(self, "b2", None))
-        slot_N = pad_slots(counts_E, capacity, N)
-        x_ECD = x_ND.new_zeros(E * capacity, D).index_copy(0, slot_N, x_ND).view(E, capacity, D)
-        h_ECF = batched_mm(x_ECD, w1, b1)
-        y_ECO = h_ECF if self.cfg.kind == "linear" else batched_mm(self._activate(h_ECF), w2, b2)
-        y_RO = y_ECO.reshape(E * capacity, -1)
+        capacity_E = blocks.capacity_E(counts_E.device)
+        slot_N = pad_slots(counts_E, capacity_E, N)
+        x_RD = x_ND.new_zeros(blocks.rows, D).index_copy(0, slot_N, x_ND)
+        h_RF = batched_mm(x_RD, w1, blocks, b1, capacity_E)
+        y_RO = h_RF if self.cfg.kind == "linear" else batched_mm(self._activate(h_RF), w2, blocks, b2, capacity_E)
         return _TakeRows.apply(y_RO, slot_N) if y_RO.requires_grad else y_RO.index_select(0, slot_N)
 
     def forward_one(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
@@ -268,31 +271,71 @@ def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[t
     return (x_ND, *weights)
 
 
-# Devices where the padded path may run instead of a loop-backed torch._grouped_mm. Not the CPU: there
-# PyTorch's per-expert loop costs no synchronisation, and one bmm over padded blocks was up to 25% faster
-# in training at some shapes (D=512, F=1024, <= ~140 rows an expert) and up to 12% slower at others
-# (D <= 256, as in the LM presets; 2-core VM, MKL), so the loop stays.
-PADDED_DEVICE_TYPES = ("cuda",)
-# Largest (E * capacity) / N at which the padded path runs: padding rows are computed for nothing.
+# Devices where the padded path may run instead of the loop-backed torch._grouped_mm, by rule:
+# * CUDA without a fused grouped kernel: one block over all experts. The loop would read each expert's row
+#   offset back to the host.
+# * The CPU with more than one intra-op thread (``cpu_blocks``). MKL splits each product of the loop over
+#   the threads and joins them after it: six joins per expert and step. On a busy machine each join can
+#   wait for a descheduled thread, and 64 experts then cost 3-6x the dense FFN against 1.4-1.8x padded
+#   (docs/benchmarks.md). One bmm per block hands whole experts to each thread. With one thread nothing
+#   waits, and the loop, which computes no padding, was faster at every shape measured.
+PADDED_DEVICE_TYPES = ("cuda", "cpu")
+# Largest (padded rows) / N at which the padded path runs: padding rows are computed for nothing.
 PAD_MAX_WASTE = 1.5
+# Blocks of consecutive experts on the CPU, each padded to its own largest count: fewer padding rows
+# than one block (at E=64, T=4096, K=2 under a fresh router 1.21-1.29x N against 1.34x) for three more
+# bmm calls per matmul.
+CPU_PAD_BLOCKS = 4
 
 
-def padded_capacity(x_ND: torch.Tensor, counts_E: torch.Tensor) -> int | None:
-    """Rows per expert block for ``Experts._forward_padded``, or None where ``grouped_mm`` runs.
+@dataclass(frozen=True)
+class PaddedBlocks:
+    """The padded layout of ``Experts._forward_padded``: consecutive experts ``[first, end)`` of a block
+    each own ``capacity`` rows; blocks follow one another in one ``(rows, D)`` tensor. One block over all
+    experts is an ``(E, capacity, D)`` batch."""
 
-    The padded path runs on ``PADDED_DEVICE_TYPES`` when the dtype the experts compute in (autocast's,
-    else the input's) has no fused grouped kernel there, there are E > 1 experts, not under
-    torch.compile, and the padding stays within ``PAD_MAX_WASTE``. It reads ``counts_E.max()`` on the
-    host: one synchronisation, where the loop-backed ``torch._grouped_mm`` would make one per expert.
+    blocks: tuple[tuple[int, int, int], ...]  # (first expert, end expert, capacity) per block, in expert order
+
+    @property
+    def rows(self) -> int:
+        return sum((end - first) * capacity for first, end, capacity in self.blocks)
+
+    def capacity_E(self, device: torch.device | str) -> torch.Tensor:
+        per_expert = [capacity for first, end, capacity in self.blocks for _ in range(first, end)]
+        return torch.tensor(per_expert, device=device)
+
+    @staticmethod
+    def of_counts(counts: list[int], parts: int) -> PaddedBlocks:
+        """``parts`` blocks of (nearly) equal numbers of consecutive experts, each padded to its largest count."""
+        E = len(counts)
+        cuts = [round(i * E / parts) for i in range(parts + 1)]
+        return PaddedBlocks(tuple((a, b, max(counts[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a))
+
+
+def padded_blocks(x_ND: torch.Tensor, counts_E: torch.Tensor) -> PaddedBlocks | None:
+    """The padded layout for ``Experts._forward_padded``, or None where ``grouped_mm`` runs.
+
+    Never for one expert (a dense FFN), no rows, or under torch.compile; only on ``PADDED_DEVICE_TYPES``.
+    On CUDA: one block, where the dtype the experts compute in (autocast's, else the input's) has no fused
+    grouped kernel. On the CPU: ``cpu_blocks``. Either way the padding stays within ``PAD_MAX_WASTE``. It
+    reads the counts on the host: one synchronisation on a GPU, where the loop-backed
+    ``torch._grouped_mm`` would make one per expert.
     """
     E, N, device = counts_E.shape[0], x_ND.shape[0], x_ND.device
     if E == 1 or N == 0 or device.type not in PADDED_DEVICE_TYPES or torch.compiler.is_compiling():
         return None
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_ND.dtype
-    if has_fused_grouped_mm(device, dtype):
-        return None
-    capacity = int(counts_E.max())
-    return capacity if E * capacity <= PAD_MAX_WASTE * N else None
+    if device.type == "cpu":
+        blocks = cpu_blocks(counts_E.tolist(), torch.get_num_threads())
+    else:
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_ND.dtype
+        blocks = None if has_fused_grouped_mm(device, dtype) else PaddedBlocks(((0, E, int(counts_E.max())),))
+    return blocks if blocks is not None and blocks.rows <= PAD_MAX_WASTE * N else None
+
+
+def cpu_blocks(counts: list[int], threads: int) -> PaddedBlocks | None:
+    """The CPU's rule: ``CPU_PAD_BLOCKS`` blocks (at most one per expert) with more than one thread, else
+    None (the loop)."""
+    return PaddedBlocks.of_counts(counts, min(len(counts), CPU_PAD_BLOCKS)) if threads > 1 else None
 
 
 def has_fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -302,46 +345,83 @@ def has_fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
             and _grouped_mm_works(device, dtype))
 
 
-def pad_slots(counts_E: torch.Tensor, capacity: int, N: int) -> torch.Tensor:
-    """``slot_N[n]``: where sorted row n lives in the flattened ``(E * capacity)`` padded layout."""
+def pad_slots(counts_E: torch.Tensor, capacity: int | torch.Tensor, N: int) -> torch.Tensor:
+    """``slot_N[n]``: where sorted row n lives in the padded layout, each expert e owning ``capacity``
+    (an int, or one per expert) rows after those of experts ``< e``."""
     E = counts_E.shape[0]
     start_E = torch.cumsum(counts_E, 0) - counts_E
-    shift_E = torch.arange(E, device=counts_E.device) * capacity - start_E
+    if isinstance(capacity, int):
+        padded_start_E = torch.arange(E, device=counts_E.device) * capacity
+    else:
+        padded_start_E = torch.cumsum(capacity, 0) - capacity
+    shift_E = padded_start_E - start_E
     return torch.arange(N, device=counts_E.device) + torch.repeat_interleave(shift_E, counts_E, output_size=N)
 
 
-def batched_mm(x_ECD: torch.Tensor, w_EDF: torch.Tensor, b_EF: torch.Tensor | None = None) -> torch.Tensor:
-    """``y[e] = x[e] @ w[e] (+ b[e])`` over padded expert blocks."""
-    needs_grad = torch.is_grad_enabled() and (x_ECD.requires_grad or w_EDF.requires_grad)
-    y_ECF = _BatchedMM.apply(x_ECD, w_EDF) if needs_grad else torch.bmm(x_ECD, w_EDF)
-    return y_ECF if b_EF is None else y_ECF + b_EF[:, None, :]
+def batched_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, blocks: PaddedBlocks, b_EF: torch.Tensor | None = None,
+               capacity_E: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ w[e] (+ b[e])`` over the padded rows of each expert (``capacity_E``: rows per expert,
+    needed with a bias)."""
+    needs_grad = torch.is_grad_enabled() and (x_RD.requires_grad or w_EDF.requires_grad)
+    y_RF = _BatchedMM.apply(x_RD, w_EDF, blocks) if needs_grad else _block_bmm(x_RD, w_EDF, blocks)
+    if b_EF is None:
+        return y_RF
+    return y_RF + torch.repeat_interleave(b_EF, capacity_E, dim=0, output_size=blocks.rows)
+
+
+def _block_views(t_RX: torch.Tensor, blocks: PaddedBlocks):
+    """``(first, end, t_ECX)`` per block: the block's rows of ``t_RX`` as an (experts, capacity, X) view."""
+    row = 0
+    for first, end, capacity in blocks.blocks:
+        n = (end - first) * capacity
+        yield first, end, t_RX[row : row + n].view(end - first, capacity, t_RX.shape[1])
+        row += n
+
+
+def _block_bmm(x_RD: torch.Tensor, w_EDF: torch.Tensor, blocks: PaddedBlocks) -> torch.Tensor:
+    y_RF = x_RD.new_empty(blocks.rows, w_EDF.shape[-1])
+    for (first, end, x_ECD), (_, _, y_ECF) in zip(_block_views(x_RD, blocks), _block_views(y_RF, blocks)):
+        torch.bmm(x_ECD, w_EDF[first:end], out=y_ECF)
+    return y_RF
 
 
 class _BatchedMM(torch.autograd.Function):
-    """``torch.bmm`` whose weight gradient comes out in the weight's own memory layout.
+    """``_block_bmm``: one ``torch.bmm`` per block, every block written into one output, and a backward
+    that writes each block's gradients into one input gradient and one weight gradient in the weight's
+    own memory layout.
 
-    Autograd's bmm derivative returns a row-major ``x^T @ dy``; for out-major (routed) expert weights
-    that gradient would then be copied into the parameter's layout on every step. Here it is computed
-    as ``(dy^T @ x)^T`` for out-major weights, which is the layout the parameter has.
+    Autograd's bmm derivative would return a row-major ``x^T @ dy`` per block, to be stacked and then
+    copied into an out-major (routed) weight's layout on every step. Here each block's gradient is
+    computed as ``(dy^T @ x)^T`` for out-major weights, straight into the layout the parameter has.
+    Experts of no block, or whose blocks have no rows, get exact zeros.
     """
 
     @staticmethod
-    def forward(ctx, x_ECD: torch.Tensor, w_EDF: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_ECD, w_EDF)
-        return torch.bmm(x_ECD, w_EDF)
+    def forward(ctx, x_RD: torch.Tensor, w_EDF: torch.Tensor, blocks: PaddedBlocks) -> torch.Tensor:
+        ctx.save_for_backward(x_RD, w_EDF)
+        ctx.blocks = blocks
+        return _block_bmm(x_RD, w_EDF, blocks)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy_ECF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x_ECD, w_EDF = ctx.saved_tensors
-        dx_ECD = torch.bmm(dy_ECF, w_EDF.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+    def backward(ctx, dy_RF: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x_RD, w_EDF = ctx.saved_tensors
+        blocks = ctx.blocks
+        dx_RD = _block_bmm(dy_RF, w_EDF.transpose(1, 2), blocks) if ctx.needs_input_grad[0] else None
         dw_EDF = None
         if ctx.needs_input_grad[1]:
-            if is_out_major(w_EDF):
-                dw_EDF = torch.bmm(dy_ECF.transpose(1, 2), x_ECD).transpose(1, 2)
-            else:
-                dw_EDF = torch.bmm(x_ECD.transpose(1, 2), dy_ECF)
-        return dx_ECD, dw_EDF
+            out_major_w = is_out_major(w_EDF)
+            E, D, F = w_EDF.shape
+            dw = w_EDF.new_empty(E, F, D) if out_major_w else w_EDF.new_empty(E, D, F)
+            for (first, end, x_ECD), (_, _, dy_ECF) in zip(_block_views(x_RD, blocks), _block_views(dy_RF, blocks)):
+                if x_ECD.shape[1] == 0:  # a block of experts without rows
+                    dw[first:end].zero_()
+                elif out_major_w:
+                    torch.bmm(dy_ECF.transpose(1, 2), x_ECD, out=dw[first:end])
+                else:
+                    torch.bmm(x_ECD.transpose(1, 2), dy_ECF, out=dw[first:end])
+            dw_EDF = dw.transpose(1, 2) if out_major_w else dw
+        return dx_RD, dw_EDF, None
 
 
 class _TakeRows(torch.autograd.Function):

@@ -6,9 +6,11 @@ Shapes: T tokens, K experts per token, N = T*K routed rows, D model dim, F outpu
 import pytest
 import torch
 
+from conftest import TOL, assert_same_grads, fast, make_layer, output_and_grads, random_input
 from dualroute.dispatch import combine, dispatch, expert_capacity, plan_dispatch
 from dualroute import experts
 from dualroute.experts import ExpertConfig, Experts, grouped_mm, segment_mm
+from dualroute.reference import reference_forward
 
 
 def random_ids(T: int, K: int, E: int, seed: int = 0, used: int | None = None) -> torch.Tensor:
@@ -264,49 +266,85 @@ def experts_by_loop(ex: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> 
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp", "swiglu"])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("counts", [[3, 0, 4, 4], [2, 2, 2, 2], [0, 0, 7, 0]], ids=str)
+PADDED_COUNTS = [[3, 0, 4, 4], [0, 0, 7, 0], [1, 0, 0, 6]]  # empty experts, uneven loads
+LAYOUTS = {  # name -> the padded layout of counts
+    "one block": lambda c: experts.PaddedBlocks(((0, len(c), max(c)),)),
+    "one roomy block": lambda c: experts.PaddedBlocks(((0, len(c), max(c) + 2),)),
+    "two blocks": lambda c: experts.PaddedBlocks.of_counts(c, 2),
+    "block per expert": lambda c: experts.PaddedBlocks.of_counts(c, len(c)),
+}
+TOLERANCE = {torch.float64: {}, torch.float32: {"atol": 1e-5, "rtol": 1e-5}}
+
+
+KINDS = [(kind, bias, torch.float64) for kind in ("linear", "mlp", "swiglu") for bias in (False, True)]
+KINDS += [("swiglu", False, torch.float32), ("mlp", True, torch.float32)]
+
+
+@pytest.mark.parametrize("kind,bias,dtype", KINDS, ids=str)
+@pytest.mark.parametrize("counts", PADDED_COUNTS, ids=str)
 @pytest.mark.parametrize("in_major", [False, True], ids=["out_major", "in_major"])
-@pytest.mark.parametrize("extra", [0, 2], ids=["tight", "roomy"])
-def test_padded_experts_match_the_loop(kind, bias, counts, in_major, extra):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_experts_match_the_loop(kind, bias, dtype, counts, in_major, layout):
     torch.manual_seed(0)
-    ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind=kind, bias=bias)).double()
+    ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind=kind, bias=bias)).to(dtype)
     if in_major:  # a loader that assigned plain (E, in, out) tensors: gradients must follow that layout
         for name, p in list(ex.named_parameters()):
             setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
     counts_E = torch.tensor(counts)
-    x_ND = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
+    blocks = LAYOUTS[layout](counts)
+    x_ND = torch.randn(sum(counts), 8, dtype=dtype, requires_grad=True)
     params = [x_ND, *ex.parameters()]
-    y_NO = ex._forward_padded(x_ND, counts_E, max(counts) + extra)
+    y_NO = ex._forward_padded(x_ND, counts_E, blocks)
     cotangent = torch.randn_like(y_NO)
     got = torch.autograd.grad(y_NO, params, cotangent)
     want_y = experts_by_loop(ex, x_ND, counts_E)
     want = torch.autograd.grad(want_y, params, cotangent)
-    torch.testing.assert_close(y_NO, want_y)
+    torch.testing.assert_close(y_NO, want_y, **TOLERANCE[dtype])
     for p, g, w in zip(params, got, want):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, **TOLERANCE[dtype])
         assert g.stride() == p.stride()  # no layout copy when the gradient is accumulated
     for e in torch.nonzero(counts_E == 0).flatten().tolist():  # an expert without rows: exactly zero
         assert all(g[e].eq(0).all() for g in got[1:])
     with torch.no_grad():  # inference skips the autograd.Functions: same numbers
-        torch.testing.assert_close(ex._forward_padded(x_ND, counts_E, max(counts) + extra), want_y)
+        torch.testing.assert_close(ex._forward_padded(x_ND, counts_E, blocks), want_y, **TOLERANCE[dtype])
+
+
+def test_padded_blocks_of_counts():
+    blocks = experts.PaddedBlocks.of_counts([2, 0, 3, 1, 5], 2)
+    assert blocks.blocks == ((0, 2, 2), (2, 5, 5)) and blocks.rows == 2 * 2 + 3 * 5
+    assert blocks.capacity_E("cpu").tolist() == [2, 2, 5, 5, 5]
+    assert experts.PaddedBlocks.of_counts([0, 0, 4], 3).blocks == ((0, 1, 0), (1, 2, 0), (2, 3, 4))
+    uneven = experts.PaddedBlocks.of_counts([1, 2, 3, 4, 5, 6], 4)  # 6 experts in 4 blocks of 2, 1, 1, 2
+    assert uneven.blocks == ((0, 2, 2), (2, 3, 3), (3, 4, 4), (4, 6, 6)) and uneven.rows == 23
+
+
+def test_cpu_rule():
+    """The CPU pads CPU_PAD_BLOCKS blocks (at most one per expert) with more than one thread; one thread loops."""
+    counts = [5, 1, 7, 2, 4, 4, 0, 3]
+    assert experts.cpu_blocks(counts, threads=1) is None
+    assert experts.cpu_blocks(counts, threads=2).blocks == ((0, 2, 5), (2, 4, 7), (4, 6, 4), (6, 8, 3))
+    assert experts.cpu_blocks([3, 9], threads=4).blocks == ((0, 1, 3), (1, 2, 9))
 
 
 def test_padded_path_choice(monkeypatch):
-    """The padded path runs only on PADDED_DEVICE_TYPES (CUDA) without a fused grouped kernel and with
-    little padding; here the CPU stands in for such a device."""
+    """The padded path runs on CUDA without a fused grouped kernel and on the CPU by ``cpu_blocks``, never for
+    one expert or no rows, and only with little padding."""
     cpu = torch.device("cpu")
     assert not experts.has_fused_grouped_mm(cpu, torch.bfloat16)
     ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4))
     even, skewed = torch.tensor([5, 6, 6, 5]), torch.tensor([1, 1, 1, 19])
     x_ND = torch.randn(22, 8, requires_grad=True)
-    assert experts.padded_capacity(x_ND, even) is None  # the CPU keeps torch._grouped_mm's loop
-    monkeypatch.setattr(experts, "PADDED_DEVICE_TYPES", ("cpu",))
-    assert experts.padded_capacity(x_ND, even) == 6
-    assert experts.padded_capacity(x_ND, skewed) is None  # 4 * 19 padded rows for 22: too much padding
-    assert experts.padded_capacity(x_ND[:2], torch.tensor([1, 0, 1, 0])) is None  # decode-sized
-    assert experts.padded_capacity(x_ND, torch.tensor([22])) is None  # one expert: a dense FFN
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert experts.padded_blocks(x_ND, even) is None  # one thread: the loop
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert experts.padded_blocks(x_ND, even).blocks == ((0, 1, 5), (1, 2, 6), (2, 3, 6), (3, 4, 5))
+    assert experts.padded_blocks(x_ND, torch.tensor([1, 1, 1, 19])) is not None  # a block per expert: no padding
+    monkeypatch.setattr(experts, "CPU_PAD_BLOCKS", 1)
+    assert experts.padded_blocks(x_ND, even).blocks == ((0, 4, 6),)
+    assert experts.padded_blocks(x_ND, skewed) is None  # 4 * 19 padded rows for 22: too much padding
+    assert experts.padded_blocks(x_ND[:2], torch.tensor([1, 0, 1, 0])) is None  # decode-sized
+    assert experts.padded_blocks(x_ND, torch.tensor([22])) is None  # one expert: a dense FFN
+    assert experts.padded_blocks(x_ND[:0], torch.zeros(4, dtype=torch.long)) is None  # no rows
     calls = []
     real = experts._BatchedMM.apply
     monkeypatch.setattr(experts._BatchedMM, "apply", lambda *a: calls.append(1) or real(*a))
@@ -323,8 +361,34 @@ def test_padded_path_choice(monkeypatch):
     torch.testing.assert_close(y, want, atol=2e-2, rtol=2e-2)
     with pytest.raises(TypeError, match="float64"):
         ex(x_ND.double(), even)
+    monkeypatch.setattr(experts, "PADDED_DEVICE_TYPES", ("cuda",))
+    assert experts.padded_blocks(x_ND, even) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["loop", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_layer_on_either_cpu_path_matches_the_reference(monkeypatch, threads, dtype):
+    """A layer of 8 experts, uneven loads and an idle expert, through the loop (one thread) and the padded
+    blocks (two): the plain reference's output and every gradient."""
+    layer = make_layer(dim=8, hidden=4, num_experts=8, experts_per_token=2, dtype=dtype)
+    with torch.no_grad():
+        layer.router.gate.weight[7] = 0.0
+        layer.router.gate.bias[7] = -50.0  # expert 7 gets no rows
+    x = random_input(24, 8, dtype=dtype)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    padded = []
+    real = experts.padded_blocks
+    monkeypatch.setattr(experts, "padded_blocks", lambda *a: padded.append(real(*a)) or padded[-1])
+    y, grads = output_and_grads(layer, x, fast(layer))
+    y_ref, grads_ref = output_and_grads(layer, x, lambda x: reference_forward(layer, x))
+    assert (padded[0] is not None) == (threads > 1)
+    torch.testing.assert_close(y, y_ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    assert_same_grads(grads, grads_ref, dtype)
+    assert grads["experts.w13"][7].eq(0).all() and grads["experts.w2"][7].eq(0).all()
 
 
 def test_pad_slots_place_rows_at_the_top_of_each_block():
     slot_N = experts.pad_slots(torch.tensor([2, 0, 3, 1]), capacity=3, N=6)
     assert slot_N.tolist() == [0, 1, 6, 7, 8, 9]
+    slot_N = experts.pad_slots(torch.tensor([2, 0, 3, 1]), capacity=torch.tensor([2, 2, 3, 3]), N=6)
+    assert slot_N.tolist() == [0, 1, 4, 5, 6, 7]

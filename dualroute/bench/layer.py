@@ -1,6 +1,7 @@
 """``dualroute bench layer``: one MoE layer's forward + backward against its fair baselines, side by side:
 the dense FFN of the same active size, the seed's all-experts mixture, flat top-k, more experts, larger K,
-and decode-sized inputs.
+and decode-sized inputs. On the CPU the E=64 and E=8 layers are also timed on the per-expert loop they ran
+before the padded expert blocks (``experts.cpu_blocks``), in the same rounds.
 
 ``--device cuda`` runs on the GPU; ``--dtype`` sets the precision the modules and inputs are built in.
 """
@@ -8,10 +9,12 @@ and decode-sized inputs.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .. import experts
 from ..layer import DenseFFN, MoEConfig, MoELayer
 from .common import (Contender, add_device_options, describe_device, device_setup, dtype_name, infer_step,
                      parse_counts, synchronizer, time_alternating, train_step, write_json)
@@ -37,6 +40,19 @@ class SeedMixture(nn.Module):
 
 def _moe(D: int, F: int, E: int, K: int, G: int = 1, J: int = 1) -> MoELayer:
     return MoELayer(MoEConfig(dim=D, hidden=F, num_experts=E, experts_per_token=K, num_groups=G, groups_per_token=J))
+
+
+def on_the_loop(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the CPU's padded expert blocks off (``experts.cpu_blocks``): every expert through
+    the per-expert loop of ``torch._grouped_mm``, as before that path."""
+    def run() -> None:
+        saved = experts.PADDED_DEVICE_TYPES
+        experts.PADDED_DEVICE_TYPES = tuple(d for d in saved if d != "cpu")
+        try:
+            step()
+        finally:
+            experts.PADDED_DEVICE_TYPES = saved
+    return run
 
 
 def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed: int = 0,
@@ -67,11 +83,17 @@ def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed:
         Contender("dual_G4_J2_E16_K2", train_step(on(_moe(D, F, 16, 2, G=4, J=2)), x_TD, g_TD)),
         Contender("flat_E16_K2", train_step(on(_moe(D, F, 16, 2)), x_TD, g_TD)),
     ], repeats, sync=sync)
+    moe64 = on(_moe(D, F, 64, 2))
+    loop_twins = [] if device.type != "cpu" else [  # the same layers on the CPU's per-expert loop, as before
+        Contender("moe_E64_K2_loop", on_the_loop(train_step(moe64, x_TD, g_TD))),
+        Contender("moe_E8_K2_loop", on_the_loop(train_step(moe8, x_TD, g_TD))),
+    ]
     rounds["scaling_E"] = time_alternating([
-        Contender("moe_E64_K2", train_step(on(_moe(D, F, 64, 2)), x_TD, g_TD)),
+        Contender("moe_E64_K2", train_step(moe64, x_TD, g_TD)),
         Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
         Contender("moe_E8_K4", train_step(on(_moe(D, F, 8, 4)), x_TD, g_TD)),
         Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
+        *loop_twins,
     ], repeats, sync=sync)
     for n in (1, 16):
         rounds[f"decode_T{n}"] = time_alternating([
@@ -90,6 +112,10 @@ def ratios(rounds: dict) -> dict[str, float]:
         "e64_over_e8": rounds["scaling_E"]["moe_E64_K2"] / rounds["scaling_E"]["moe_E8_K2"],
         "k4_over_k2": rounds["scaling_E"]["moe_E8_K4"] / rounds["scaling_E"]["moe_E8_K2"],
     }
+    scaling = rounds["scaling_E"]
+    for E in (64, 8):
+        if f"moe_E{E}_K2_loop" in scaling:
+            r[f"loop_e{E}_over_dense"] = scaling[f"moe_E{E}_K2_loop"] / scaling["dense_F2x"]
     for n in (1, 16):
         r[f"decode_T{n}_moe_over_dense"] = rounds[f"decode_T{n}"]["moe_E8_K2"] / rounds[f"decode_T{n}"]["dense_F2x"]
     return r
