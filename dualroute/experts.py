@@ -276,15 +276,16 @@ def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[t
 #   offset back to the host.
 # * The CPU with more than one intra-op thread (``cpu_blocks``). MKL splits each product of the loop over
 #   the threads and joins them after it: six joins per expert and step. On a busy machine each join can
-#   wait for a descheduled thread, and 64 experts then cost 3-6x the dense FFN against 1.4-1.8x padded
-#   (docs/benchmarks.md). One bmm per block hands whole experts to each thread. With one thread nothing
-#   waits, and the loop, which computes no padding, was faster at every shape measured.
+#   wait for a descheduled thread: 64 experts cost the dense FFN's 3.1-6.1x on the loop against 1.65-1.87x
+#   padded in three of four runs of ``dualroute bench layer`` (docs/benchmarks.md; it times both). One bmm
+#   per block hands whole experts to each thread. With one thread nothing waits, and the loop, which
+#   computes no padding, was the faster at the four shapes measured (scratch runs).
 PADDED_DEVICE_TYPES = ("cuda", "cpu")
 # Largest (padded rows) / N at which the padded path runs: padding rows are computed for nothing.
 PAD_MAX_WASTE = 1.5
 # Blocks of consecutive experts on the CPU, each padded to its own largest count: fewer padding rows
-# than one block (at E=64, T=4096, K=2 under a fresh router 1.21-1.29x N against 1.34x) for three more
-# bmm calls per matmul.
+# than one block (bench layer's E=64 counts: 1.21-1.29x N against 1.34x) for three more bmm calls per
+# matmul, each of which can wait on a busy machine.
 CPU_PAD_BLOCKS = 4
 
 
