@@ -274,7 +274,7 @@ def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[t
 # Devices where the padded path may run instead of the loop-backed torch._grouped_mm, by rule:
 # * CUDA without a fused grouped kernel: one block over all experts. The loop would read each expert's row
 #   offset back to the host.
-# * The CPU with more than one intra-op thread (``cpu_blocks``). MKL splits each product of the loop over
+# * The CPU with more than one intra-op thread and many experts (``cpu_blocks``). MKL splits each product of the loop over
 #   the threads and joins them after it: six joins per expert and step. On a busy machine each join can
 #   wait for a descheduled thread: 64 experts cost the dense FFN's 3.1-6.1x on the loop against 1.65-1.87x
 #   padded in three of four runs of ``dualroute bench layer`` (docs/benchmarks.md; it times both). One bmm
@@ -287,6 +287,9 @@ PAD_MAX_WASTE = 1.5
 # than one block (bench layer's E=64 counts: 1.21-1.29x N against 1.34x) for three more bmm calls per
 # matmul, each of which can wait on a busy machine.
 CPU_PAD_BLOCKS = 4
+# Fewer experts keep the loop: with 8, four blocks of two save few joins (24 bmm calls a layer step against
+# 48 products), and in a scratch A/B of the lm-dual step (E=8) the blocks were no faster than the loop.
+CPU_PAD_MIN_EXPERTS = 16
 
 
 @dataclass(frozen=True)
@@ -334,9 +337,11 @@ def padded_blocks(x_ND: torch.Tensor, counts_E: torch.Tensor) -> PaddedBlocks | 
 
 
 def cpu_blocks(counts: list[int], threads: int) -> PaddedBlocks | None:
-    """The CPU's rule: ``CPU_PAD_BLOCKS`` blocks (at most one per expert) with more than one thread, else
-    None (the loop)."""
-    return PaddedBlocks.of_counts(counts, min(len(counts), CPU_PAD_BLOCKS)) if threads > 1 else None
+    """The CPU's rule: ``CPU_PAD_BLOCKS`` blocks for at least ``CPU_PAD_MIN_EXPERTS`` experts on more than
+    one thread, else None (the loop)."""
+    if threads < 2 or len(counts) < CPU_PAD_MIN_EXPERTS:
+        return None
+    return PaddedBlocks.of_counts(counts, min(len(counts), CPU_PAD_BLOCKS))
 
 
 def has_fused_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:

@@ -68,7 +68,7 @@ def test_bench_layer_ratios(tmp_path, one_thread):
                                                      / medians["moe_vs_dense"]["dense_F2x"])
     assert result["setup"]["T"] == 8
     scaling = medians["scaling_E"]  # on the CPU the per-expert loop is timed beside the padded blocks
-    assert {"moe_E64_K2_loop", "moe_E8_K2_loop"} <= scaling.keys()
+    assert "moe_E64_K2_loop" in scaling
     assert result["loop_e64_over_dense"] == pytest.approx(scaling["moe_E64_K2_loop"] / scaling["dense_F2x"])
 
 

@@ -319,11 +319,13 @@ def test_padded_blocks_of_counts():
 
 
 def test_cpu_rule():
-    """The CPU pads CPU_PAD_BLOCKS blocks (at most one per expert) with more than one thread; one thread loops."""
-    counts = [5, 1, 7, 2, 4, 4, 0, 3]
+    """The CPU pads CPU_PAD_BLOCKS blocks for CPU_PAD_MIN_EXPERTS experts or more with more than one thread;
+    one thread, or fewer experts, keep the loop."""
+    counts = [5, 1, 7, 2, 4, 4, 0, 3] * 2
+    assert experts.CPU_PAD_MIN_EXPERTS == 16 and experts.CPU_PAD_BLOCKS == 4
     assert experts.cpu_blocks(counts, threads=1) is None
-    assert experts.cpu_blocks(counts, threads=2).blocks == ((0, 2, 5), (2, 4, 7), (4, 6, 4), (6, 8, 3))
-    assert experts.cpu_blocks([3, 9], threads=4).blocks == ((0, 1, 3), (1, 2, 9))
+    assert experts.cpu_blocks(counts[:15], threads=2) is None
+    assert experts.cpu_blocks(counts, threads=2).blocks == ((0, 4, 7), (4, 8, 4), (8, 12, 7), (12, 16, 4))
 
 
 def test_padded_path_choice(monkeypatch):
@@ -334,6 +336,9 @@ def test_padded_path_choice(monkeypatch):
     ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4))
     even, skewed = torch.tensor([5, 6, 6, 5]), torch.tensor([1, 1, 1, 19])
     x_ND = torch.randn(22, 8, requires_grad=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert experts.padded_blocks(x_ND, even) is None  # 4 experts: the loop
+    monkeypatch.setattr(experts, "CPU_PAD_MIN_EXPERTS", 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert experts.padded_blocks(x_ND, even) is None  # one thread: the loop
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -368,14 +373,15 @@ def test_padded_path_choice(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2], ids=["loop", "padded"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_layer_on_either_cpu_path_matches_the_reference(monkeypatch, threads, dtype):
-    """A layer of 8 experts, uneven loads and an idle expert, through the loop (one thread) and the padded
+    """A layer of 16 experts, uneven loads and an idle expert, through the loop (one thread) and the padded
     blocks (two): the plain reference's output and every gradient."""
-    layer = make_layer(dim=8, hidden=4, num_experts=8, experts_per_token=2, dtype=dtype)
+    layer = make_layer(dim=8, hidden=4, num_experts=16, experts_per_token=2, dtype=dtype)
     with torch.no_grad():
         layer.router.gate.weight[7] = 0.0
         layer.router.gate.bias[7] = -50.0  # expert 7 gets no rows
-    x = random_input(24, 8, dtype=dtype)
+    x = random_input(48, 8, dtype=dtype)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(experts, "PAD_MAX_WASTE", 10.0)  # this router's loads are very uneven: pad them anyway
     padded = []
     real = experts.padded_blocks
     monkeypatch.setattr(experts, "padded_blocks", lambda *a: padded.append(real(*a)) or padded[-1])
