@@ -276,8 +276,8 @@ def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[t
 #   offset back to the host.
 # * The CPU with more than one intra-op thread and many experts (``cpu_blocks``). MKL splits each product of the loop over
 #   the threads and joins them after it: six joins per expert and step. On a busy machine each join can
-#   wait for a descheduled thread: 64 experts cost the dense FFN's 3.1-6.1x on the loop against 1.65-1.87x
-#   padded in three of four runs of ``dualroute bench layer`` (docs/benchmarks.md; it times both). One bmm
+#   wait for a descheduled thread: 64 experts cost the dense FFN's 3.1-6.1x on the loop against 1.65-1.89x
+#   padded in four of five runs of ``dualroute bench layer`` (docs/benchmarks.md; it times both). One bmm
 #   per block hands whole experts to each thread. With one thread nothing waits, and the loop, which
 #   computes no padding, was the faster at the four shapes measured (scratch runs).
 PADDED_DEVICE_TYPES = ("cuda", "cpu")
