@@ -18,8 +18,9 @@ Two ways to run the experts, chosen per call (``padded_blocks``):
 * ``Experts._forward_padded``: one ``torch.bmm`` per block of consecutive experts, every expert's rows
   padded to the largest count of its block (``PaddedBlocks``). On CUDA without the fused kernel (float32,
   float16) one block over all experts replaces those per-expert round trips with one host read of the
-  capacity (``dualroute bench lm --device cuda``). On the CPU a few blocks run many small experts
-  (``cpu_blocks``), where the loop's many small two-threaded products cost more than the padding.
+  capacity (``dualroute bench lm --device cuda``). On the CPU, opt-in (``PADDED_DEVICE_TYPES``), a few
+  blocks run many small experts (``cpu_blocks``): faster than the loop on an oversubscribed machine,
+  slower on a quiet one.
 
 ``segment_mm`` is the plain reference both are tested against.
 """
@@ -274,13 +275,13 @@ def _compute_dtype(x_ND: torch.Tensor, *weights: torch.Tensor | None) -> tuple[t
 # Devices where the padded path may run instead of the loop-backed torch._grouped_mm, by rule:
 # * CUDA without a fused grouped kernel: one block over all experts. The loop would read each expert's row
 #   offset back to the host.
-# * The CPU with more than one intra-op thread and many experts (``cpu_blocks``). MKL splits each product of the loop over
-#   the threads and joins them after it: six joins per expert and step. On a busy machine each join can
-#   wait for a descheduled thread: 64 experts cost the dense FFN's 3.1-6.1x on the loop against 1.65-1.89x
-#   padded in four of five runs of ``dualroute bench layer`` (docs/benchmarks.md; it times both). One bmm
-#   per block hands whole experts to each thread. With one thread nothing waits, and the loop, which
-#   computes no padding, was the faster at the four shapes measured (scratch runs).
-PADDED_DEVICE_TYPES = ("cuda", "cpu")
+# * The CPU, only where the user adds "cpu" here (``cpu_blocks``: many experts, more than one thread). MKL
+#   splits each product of the loop over the threads and joins them after it; on an oversubscribed machine
+#   each join can wait for a descheduled thread, and blocks of whole experts per thread measured 1.65-1.89x
+#   the dense FFN at E=64 against the loop's 3.1-6.1x (docs/benchmarks.md). On a quiet machine the loop,
+#   which computes no padding, was the faster: E=64 at 1.27-1.62x against 1.57-1.72x in three runs of
+#   ``dualroute bench layer``, and a 16-expert LM step 14-18% faster (docs/benchmarks.md). So it is off.
+PADDED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 # Largest (padded rows) / N at which the padded path runs: padding rows are computed for nothing.
 PAD_MAX_WASTE = 1.5
 # Blocks of consecutive experts on the CPU, each padded to its own largest count: fewer padding rows

@@ -20,7 +20,7 @@ from dualroute.bench.common import (TUNING_ENV, Contender, describe_device, devi
                                     time_alternating)
 from dualroute.bench.generate import main as run_generate
 from dualroute.bench.layer import main as run_layer
-from dualroute.bench.layer import on_the_loop
+from dualroute.bench.layer import with_cpu_blocks
 from dualroute.bench.lm import lm_train_step
 from dualroute.bench.lm import main as run_lm
 
@@ -67,16 +67,16 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["moe_over_dense"] == pytest.approx(medians["moe_vs_dense"]["moe_E8_K2"]
                                                      / medians["moe_vs_dense"]["dense_F2x"])
     assert result["setup"]["T"] == 8
-    scaling = medians["scaling_E"]  # on the CPU the per-expert loop is timed beside the padded blocks
-    assert "moe_E64_K2_loop" in scaling
-    assert result["loop_e64_over_dense"] == pytest.approx(scaling["moe_E64_K2_loop"] / scaling["dense_F2x"])
+    scaling = medians["scaling_E"]  # on the CPU the opt-in padded blocks are timed beside the default loop
+    assert "moe_E64_K2_blocks" in scaling
+    assert result["blocks_e64_over_dense"] == pytest.approx(scaling["moe_E64_K2_blocks"] / scaling["dense_F2x"])
 
 
-def test_on_the_loop_turns_the_cpu_padded_blocks_off_for_its_step():
+def test_with_cpu_blocks_turns_the_cpu_padded_blocks_on_for_its_step():
     seen = []
-    on_the_loop(lambda: seen.append(experts.PADDED_DEVICE_TYPES))()
-    assert "cpu" not in seen[0] and "cuda" in seen[0]
-    assert "cpu" in experts.PADDED_DEVICE_TYPES  # restored
+    with_cpu_blocks(lambda: seen.append(experts.PADDED_DEVICE_TYPES))()
+    assert "cpu" in seen[0] and "cuda" in seen[0]
+    assert experts.PADDED_DEVICE_TYPES == ("cuda",)  # restored: the CPU's default is the loop
 
 
 def test_header_names_allocator_and_threading_settings(monkeypatch):

@@ -337,6 +337,10 @@ def test_padded_path_choice(monkeypatch):
     even, skewed = torch.tensor([5, 6, 6, 5]), torch.tensor([1, 1, 1, 19])
     x_ND = torch.randn(22, 8, requires_grad=True)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(experts, "CPU_PAD_MIN_EXPERTS", 2)
+    assert experts.padded_blocks(x_ND, even) is None  # the CPU's default: the loop
+    monkeypatch.setattr(experts, "PADDED_DEVICE_TYPES", ("cuda", "cpu"))  # opted in
+    monkeypatch.setattr(experts, "CPU_PAD_MIN_EXPERTS", 16)
     assert experts.padded_blocks(x_ND, even) is None  # 4 experts: the loop
     monkeypatch.setattr(experts, "CPU_PAD_MIN_EXPERTS", 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
@@ -381,6 +385,7 @@ def test_layer_on_either_cpu_path_matches_the_reference(monkeypatch, threads, dt
         layer.router.gate.bias[7] = -50.0  # expert 7 gets no rows
     x = random_input(48, 8, dtype=dtype)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(experts, "PADDED_DEVICE_TYPES", ("cuda", "cpu"))  # the CPU's blocks are opt-in
     monkeypatch.setattr(experts, "PAD_MAX_WASTE", 10.0)  # this router's loads are very uneven: pad them anyway
     padded = []
     real = experts.padded_blocks
