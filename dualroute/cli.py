@@ -251,7 +251,10 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out)
     runs = read_runs(out) if args.report_only else None
     presets = list(runs) if runs else [p.strip() for p in args.presets.split(",") if p.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not presets or not seeds:
         raise UsageError("compare needs at least one preset and one seed")
     configs = preset_configs(presets, overrides, args.config)  # fail fast on a bad preset, key or file

@@ -198,6 +198,7 @@ def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, m
     (["compare", "--presets", "digits-dual", "--config", "missing.toml"], "config file not found: missing.toml"),
     (["compare", "--presets", "digits-dense", "--baseline", "lm-dense"], "--baseline lm-dense is not among"),
     (["compare", "--report-only", "--out", "nowhere"], "no nowhere/compare.json"),
+    (["compare", "--presets", "digits-dense", "--seeds", "0,a"], "--seeds takes comma-separated integers, got '0,a'"),
 ])
 def test_compare_errors_before_training(argv, message, capsys):
     assert main(argv) == 2

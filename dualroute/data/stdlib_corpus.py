@@ -114,4 +114,8 @@ def load_stdlib_corpus(val_fraction: float, root: str | Path | None = None,
 
 
 if __name__ == "__main__":
-    print(load_stdlib_corpus(float(sys.argv[1]) if len(sys.argv) > 1 else 0.1).describe())
+    try:
+        fraction = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
+    except ValueError:
+        sys.exit(f"usage: python -m dualroute.data.stdlib_corpus [VAL_FRACTION in (0, 1)], got {sys.argv[1]!r}")
+    print(load_stdlib_corpus(fraction).describe())
