@@ -232,12 +232,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.tasks import LMTask
     from dualroute.train.trainer import precision_autocast, resolve_device
 
     task, model, _ = _load(args.path, overrides)
-    if not isinstance(task, LMTask):
-        raise UsageError(f"{args.path} is an image classifier; generate needs a language-model checkpoint")
+    if not task.can_sample:
+        what = "a language model without a tokenizer" if task.run_config.is_lm else \
+            f"a {task.run_config.task_type.name!r} model"
+        raise UsageError(f"{args.path} is {what}; generate needs a language-model checkpoint with a tokenizer")
     with precision_autocast(resolve_device(_device(overrides)), task.run_config.train.precision):
         text = task.sample(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)

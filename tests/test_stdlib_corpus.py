@@ -91,7 +91,7 @@ def test_selected_through_the_config_with_clear_errors(tmp_path):
         override(get_preset("lm-dual"), ["data.kind=stdlb"])
     with pytest.raises(ValueError, match="takes no data.path"):
         override(get_preset("lm-dual"), ["data.kind=stdlib", f"data.path={tmp_path}"])
-    with pytest.raises(ValueError, match="needs a language model"):
+    with pytest.raises(ValueError, match=r"'lm' task, which needs a model config among LMConfig.*got ImageConfig"):
         override(get_preset("digits-dual"), ["data.kind=stdlib"])
 
 

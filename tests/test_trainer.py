@@ -95,7 +95,7 @@ def test_overrides_reach_nested_and_union_typed_fields():
     (["model.moe.nope=1"], "unknown config key"),
     (["train.steps=abc"], "cannot parse"),
     (["train.steps=0"], "train.steps must be >= 1"),
-    (["data.kind=digits"], "needs an image model"),
+    (["data.kind=digits"], r"'image' task, which needs a model config among ImageConfig \('vit'\); got LMConfig"),
     (["train.seq_len=4096"], "exceeds model.max_seq_len"),
     (["train.precision=float16"], "'float16' as Literal\\['float32', 'bfloat16'\\]"),
 ])

@@ -24,7 +24,7 @@ from dualroute.data.image_files import find_cifar10_batches
 from dualroute.layer import MoEAux, MoEConfig, MoELayer
 from dualroute.train.checkpoint import META_FILE, Checkpoint, latest_checkpoint, load_weights
 from dualroute.train.presets import TEXT_KINDS, RunConfig, run_config_from_dict
-from dualroute.train.tasks import make_task, tokenizer_from_record
+from dualroute.train.tasks import make_task
 
 from .stats import LayerRouting
 
@@ -89,10 +89,9 @@ def open_checkpoint(path: str | Path, data: str | Path | None = None, batches: i
     if cfg.model.moe is None:
         raise ValueError(f"{ckpt_path} is a dense model (no MoE layers): there is no routing to inspect")
     cfg = _with_data(cfg, data, batches)
-    record = ckpt.extra.get("tokenizer")
     data_label = _data_label(cfg, data)
     try:
-        task = make_task(cfg, None if record is None else tokenizer_from_record(record))
+        task = make_task(cfg, ckpt.extra)
     except (ValueError, OSError, ImportError) as e:
         raise ValueError(f"data {data_label} does not fit checkpoint {ckpt_path}: {_one_line(e)}") from e
     model = task.build_model()

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from . import lm, vision
-from .common import ModelOutput, flops_per_token, param_counts
+import dataclasses
+from typing import Any
+
+from .common import ModelOutput, flops_per_token, param_counts, replace_moe_with_dense
 from .lm import KVCache, LMConfig, TransformerLM
 from .vision import ImageConfig, ViTClassifier
 
 
-def dense_twin(cfg: LMConfig | ImageConfig) -> LMConfig | ImageConfig:
-    """The dense config with the same active parameters per token as the MoE config ``cfg``."""
-    if isinstance(cfg, LMConfig):
-        return lm.dense_twin(cfg)
-    if isinstance(cfg, ImageConfig):
-        return vision.dense_twin(cfg)
-    raise TypeError(f"dense_twin expects an LMConfig or ImageConfig, got {type(cfg).__name__}")
+def dense_twin(cfg: Any) -> Any:
+    """The dense config with the same active parameters per token as the MoE config ``cfg``: any model config
+    with ``moe`` and ``dense_twin_of`` fields (each model builds a dense FFN as wide as K experts where
+    ``dense_twin_of`` is set; see ``common.replace_moe_with_dense``)."""
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+            and {"moe", "dense_twin_of"} <= {f.name for f in dataclasses.fields(cfg)}):
+        raise TypeError(f"dense_twin expects a model config with moe and dense_twin_of fields, "
+                        f"got {type(cfg).__name__}")
+    return replace_moe_with_dense(cfg)
 
 
 __all__ = [

@@ -1,7 +1,9 @@
-"""Run configs (model + data + training) and the named presets the CLI starts from.
+"""Run configs (model + data + training + task options) and the named presets the CLI starts from.
 
 A ``RunConfig`` is a tree of frozen dataclasses, so ``configio`` can override any leaf
-(``model.moe.num_experts=16``, ``train.steps=200``) and round-trip it through JSON.
+(``model.moe.num_experts=16``, ``train.steps=200``) and round-trip it through JSON. Which model config and
+which ``task`` options a run config may hold is up to the task its ``data.kind`` belongs to
+(``dualroute.train.registry``); each task module registers its presets with ``register_preset``.
 """
 
 from __future__ import annotations
@@ -12,32 +14,28 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from dualroute.layer import MoEConfig
-from dualroute.models import ImageConfig, LMConfig, dense_twin
 from dualroute.routing import RouterOptions
+from dualroute.train import registry
 from dualroute.train.configio import apply_overrides, config_from_dict, config_to_dict
 
-DataKind = Literal["text", "stdlib", "tokens", "digits", "mnist", "cifar10"]
-TEXT_KINDS = ("text", "stdlib", "tokens")
-IMAGE_KINDS = ("digits", "mnist", "cifar10")
+TEXT_KINDS = ("text", "stdlib", "tokens")  # the language-model task's (tasks/lm.py)
+IMAGE_KINDS = ("digits", "mnist", "cifar10")  # the image task's (tasks/image.py)
 DEFAULT_PRESET = "lm-dual"
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # text: a file or folder, or the embedded corpus (CPython's help text); stdlib: the Python standard
-    # library's source (dualroute.data.stdlib_corpus); tokens: a uint16 .bin; digits / mnist / cifar10: images
-    kind: DataKind = "text"
+    # What the run reads; each kind belongs to one task (``registry.data_kinds()``). Language model: text
+    # (a file or folder, or the embedded corpus: CPython's help text), stdlib (the Python standard library's
+    # source, dualroute.data.stdlib_corpus), tokens (a uint16 .bin); images: digits, mnist, cifar10.
+    kind: str = "text"
     path: str | None = None  # text: file or folder (None = embedded corpus); tokens: uint16 .bin; images: folder
     tokenizer: Literal["byte", "char", "bpe"] = "byte"  # text and stdlib kinds only
     bpe_vocab_size: int = 512
     val_fraction: float = 0.1  # stdlib: the share of files (by a hash of their path) kept for validation
 
     def __post_init__(self) -> None:
-        if self.kind not in TEXT_KINDS + IMAGE_KINDS:
-            raise ValueError(f"unknown data kind {self.kind!r}; expected one of {TEXT_KINDS + IMAGE_KINDS}")
-        if self.kind == "stdlib" and self.path is not None:
-            raise ValueError(f"data kind 'stdlib' reads this Python's standard library; it takes no data.path "
-                             f"(got {self.path!r}; for your own text use data.kind=text data.path=...)")
+        registry.task_type_for_kind(self.kind)  # names the known kinds if it is none of them
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.bpe_vocab_size < 1:
@@ -101,39 +99,68 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: LMConfig | ImageConfig
+    model: Any  # the config of a model type registered for the data kind's task (e.g. LMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: Any = None  # the task's options (its TaskType.options_cls; filled with the defaults if None)
 
     def __post_init__(self) -> None:
-        wants_lm = self.data.kind in TEXT_KINDS
-        if wants_lm and not isinstance(self.model, LMConfig):
-            raise ValueError(f"data kind {self.data.kind!r} needs a language model (LMConfig), "
-                             f"got {type(self.model).__name__}")
-        if not wants_lm and not isinstance(self.model, ImageConfig):
-            raise ValueError(f"data kind {self.data.kind!r} needs an image model (ImageConfig), "
-                             f"got {type(self.model).__name__}")
-        if wants_lm and self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
-                             f"({self.model.max_seq_len})")
+        task = registry.task_type_for_kind(self.data.kind)
+        try:
+            model = registry.model_type_of(self.model)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+        if model.task != task.name:
+            wanted = ", ".join(f"{m.config_cls.__name__} ({m.name!r})" for m in registry.model_types_for(task.name))
+            raise ValueError(f"data kind {self.data.kind!r} is read by the {task.name!r} task, which needs a model "
+                             f"config among {wanted}; got {type(self.model).__name__}, a {model.task!r} model")
+        if task.options_cls is None:
+            if self.task is not None:
+                raise ValueError(f"the {task.name!r} task takes no task options, got {self.task!r}")
+        elif self.task is None:
+            object.__setattr__(self, "task", task.options_cls())
+        elif type(self.task) is not task.options_cls:
+            raise ValueError(f"the {task.name!r} task's options are a {task.options_cls.__name__}, "
+                             f"got {type(self.task).__name__}")
+        if task.check is not None:
+            task.check(self)
+
+    @property
+    def task_type(self) -> registry.TaskType:
+        return registry.task_type_for_kind(self.data.kind)
+
+    @property
+    def model_type(self) -> registry.ModelType:
+        return registry.model_type_of(self.model)
 
     @property
     def is_lm(self) -> bool:
-        return self.data.kind in TEXT_KINDS
+        return self.task_type.name == "lm"
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return config_to_dict(cfg)
+    d = {"model_kind": cfg.model_type.name, **config_to_dict(cfg)}  # not "model_type": HF configs use that
+    if d.get("task") is None:
+        d.pop("task", None)
+    return d
 
 
 def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
-    """Inverse of ``run_config_to_dict``; the data kind says which model config class to build."""
+    """Inverse of ``run_config_to_dict``. ``model_kind`` names the model type (its config class); a config saved
+    before it was written takes its task's first model type (the language model, or the ViT)."""
     if not isinstance(d, dict) or not {"model", "data"} <= set(d):
         raise ValueError(f"not a run config: expected a dict with 'model' and 'data', got {str(d)[:80]!r}")
     data = config_from_dict(DataConfig, d["data"])
-    model_cls = LMConfig if data.kind in TEXT_KINDS else ImageConfig
+    task = registry.task_type_for_kind(data.kind)
+    if "model_kind" in d:
+        model = registry.model_type(d["model_kind"])
+    else:
+        model = registry.model_types_for(task.name)[0]
     train = config_from_dict(TrainConfig, d.get("train", {}))
-    return RunConfig(model=config_from_dict(model_cls, d["model"]), data=data, train=train)
+    options = None
+    if task.options_cls is not None and d.get("task") is not None:
+        options = config_from_dict(task.options_cls, d["task"])
+    return RunConfig(model=config_from_dict(model.config_cls, d["model"]), data=data, train=train, task=options)
 
 
 def override(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -153,56 +180,28 @@ def override(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 # ------------------------------------------------------------------------------------------ presets
 
-# Language model: byte-level, D=128, 4 layers; each MoE layer has E=8 swiglu experts of width F=128
-# and K=2 active, so the dense twin's FFN is 256 wide (active width K*F). 1000 steps of 16 x 128 bytes
-# take about 2.5-3.5 minutes on two idle CPU cores and reach ~1.2 nats/byte over the validation split
-# (unigram baseline 3.25).
-_LM = dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, max_seq_len=128)
-_LM_F = 128
-_LM_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_every=50,
-                        eval_batches=8, log_every=10, save_every=250)
-
-# Image classifier on 8x8 digits: 2x2 patches -> 16 tokens, D=64, 2 layers, E=8 experts of F=64.
-_IMG = dict(image_size=8, channels=1, patch_size=2, num_classes=10, dim=64, n_layers=2, n_heads=4)
-_IMG_F = 64
-_IMG_TRAIN = TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup_steps=20, eval_every=50, eval_batches=8,
-                         log_every=10, save_every=200)
+PRESETS: dict[str, Callable[[], RunConfig]] = {}  # filled by the task modules (dualroute/train/tasks/)
 
 
-def _moe(dim: int, hidden: int, groups: int, groups_per_token: int) -> MoEConfig:
-    # Correction biases (zero until a balancer moves them) let train.balance_bias_rate act.
-    return MoEConfig(dim=dim, hidden=hidden, num_experts=8, experts_per_token=2, num_groups=groups,
-                     groups_per_token=groups_per_token, expert_kind="swiglu",
+def register_preset(name: str, make: Callable[[], RunConfig]) -> None:
+    """Add a named preset; its ``train.out_dir`` should be ``runs/<name>``."""
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    PRESETS[name] = make
+
+
+def preset_moe(dim: int, hidden: int, groups: int, groups_per_token: int, *, num_experts: int = 8,
+               experts_per_token: int = 2, expert_kind: str = "swiglu") -> MoEConfig:
+    """The presets' MoE layer: correction biases (zero until a balancer moves them) let
+    ``train.balance_bias_rate`` act."""
+    return MoEConfig(dim=dim, hidden=hidden, num_experts=num_experts, experts_per_token=experts_per_token,
+                     num_groups=groups, groups_per_token=groups_per_token, expert_kind=expert_kind,
                      router=RouterOptions(correction_bias=True))
 
 
-def _lm(groups: int, groups_per_token: int) -> LMConfig:
-    return LMConfig(**_LM, ffn_hidden=2 * _LM_F, moe=_moe(_LM["dim"], _LM_F, groups, groups_per_token))
-
-
-def _image(groups: int, groups_per_token: int, **size: Any) -> ImageConfig:
-    fields = {**_IMG, **size}
-    return ImageConfig(**fields, ffn_hidden=2 * _IMG_F, moe=_moe(fields["dim"], _IMG_F, groups, groups_per_token))
-
-
-def _run(name: str, model: LMConfig | ImageConfig, data: DataConfig, train: TrainConfig) -> RunConfig:
-    return RunConfig(model=model, data=data, train=dataclasses.replace(train, out_dir=f"runs/{name}"))
-
-
-_TEXT = DataConfig(kind="text")
-_DIGITS = DataConfig(kind="digits")
-PRESETS: dict[str, Callable[[], RunConfig]] = {
-    "lm-dual": lambda: _run("lm-dual", _lm(4, 2), _TEXT, _LM_TRAIN),
-    "lm-flat": lambda: _run("lm-flat", _lm(1, 1), _TEXT, _LM_TRAIN),
-    "lm-dense": lambda: _run("lm-dense", dense_twin(_lm(4, 2)), _TEXT, _LM_TRAIN),
-    "digits-dual": lambda: _run("digits-dual", _image(4, 2), _DIGITS, _IMG_TRAIN),
-    "digits-flat": lambda: _run("digits-flat", _image(1, 1), _DIGITS, _IMG_TRAIN),
-    "digits-dense": lambda: _run("digits-dense", dense_twin(_image(4, 2)), _DIGITS, _IMG_TRAIN),
-    "mnist-dual": lambda: _run("mnist-dual", _image(4, 2, image_size=28, patch_size=4),
-                               DataConfig(kind="mnist"), _IMG_TRAIN),
-    "cifar10-dual": lambda: _run("cifar10-dual", _image(4, 2, image_size=32, channels=3, patch_size=4, dim=128),
-                                 DataConfig(kind="cifar10"), _IMG_TRAIN),
-}
+def named_run(name: str, model: Any, data: DataConfig, train: TrainConfig, task: Any = None) -> RunConfig:
+    """A preset's run config, writing to ``runs/<name>``."""
+    return RunConfig(model=model, data=data, train=dataclasses.replace(train, out_dir=f"runs/{name}"), task=task)
 
 
 def get_preset(name: str) -> RunConfig:

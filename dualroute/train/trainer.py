@@ -52,7 +52,7 @@ from dualroute.train.metrics_log import JsonlLogger, read_jsonl
 from dualroute.train.optim import build_optimizer
 from dualroute.train.presets import RunConfig, run_config_from_dict, run_config_to_dict
 from dualroute.train.schedule import warmup_cosine_scheduler
-from dualroute.train.tasks import EvalResult, LMTask, make_task, tokenizer_from_record, tokenizer_record
+from dualroute.train.tasks import EvalResult, make_task, to_device
 
 SAMPLE_PROMPT = "The "
 SAMPLE_TOKENS = 120
@@ -190,7 +190,8 @@ class Trainer:
     ``ranks`` (from ``distributed.launch``) spreads the run over several processes; the default is one.
     """
 
-    def __init__(self, cfg: RunConfig, *, tokenizer: Tokenizer | None = None, progress: bool | None = None,
+    def __init__(self, cfg: RunConfig, *, saved: dict[str, Any] | Tokenizer | None = None,
+                 progress: bool | None = None,
                  ranks: SingleProcess | None = None) -> None:
         t = cfg.train
         self.ranks = ranks or SingleProcess()
@@ -198,12 +199,12 @@ class Trainer:
         if t.threads is not None:
             torch.set_num_threads(t.threads)
         seed_everything(t.seed)  # on every rank: the same initial model
-        self.task = make_task(cfg, tokenizer)
+        self.task = make_task(cfg, saved)  # saved: what a checkpoint holds for the task (its tokenizer)
         self.cfg = self.task.run_config
         self.ranks.check(self.cfg)  # several ranks: the same config everywhere, a batch that splits evenly
         model = self.task.build_model().to(self.device)
         self.params = param_counts(model)  # (total, active) of the whole model, before any sharding
-        self.flops = flops_per_token(model, t.seq_len if isinstance(self.task, LMTask) else None)
+        self.flops = flops_per_token(model, self.task.flops_seq_len)
         self.model = self.ranks.shard(model)  # expert parallel: keep this rank's experts
         self.ranks.seed_own_rng()  # several ranks: dropout / router noise differ between them
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.betas)
@@ -215,14 +216,13 @@ class Trainer:
         self.train_time = 0.0
         self.progress = progress if self.ranks.is_main else False
         self.last_eval: EvalResult | None = None
+        self.session_units, self.session_time = 0, 0.0  # trained by this process (for the throughput)
 
     # -------------------------------------------------------------------------------- state
 
     def state_extra(self) -> dict[str, Any]:
-        tok = getattr(self.task, "tokenizer", None)
         return {"step": self.step, "train_time": self.train_time, "config": run_config_to_dict(self.cfg),
-                "data_rng": _encode_state(self.data_rng.get_state()),
-                "tokenizer": None if tok is None else tokenizer_record(tok),
+                "data_rng": _encode_state(self.data_rng.get_state()), **self.task.state_extra(),
                 "metrics": None if self.last_eval is None else self.last_eval.metrics}
 
     def save(self) -> Path:
@@ -281,9 +281,10 @@ class Trainer:
         for _ in range(n):
             batch = self.task.train_batch(self.data_rng)  # the global batch: the same on every rank
             units += self.task.units(batch)
-            x, y = (v.to(self.device) for v in self.ranks.my_rows(batch))  # this rank's share
+            x, y = self.ranks.my_rows(batch)  # this rank's share
+            x, y = to_device(x, self.device), y.to(self.device)
             with self.autocast():
-                out = self.model(x)
+                out = self.task.forward(self.model, x)
                 loss = self.task.loss(out, (x, y))
                 extra = aux_loss(out.aux)
             ((loss if extra is None else loss + extra) / n).backward()
@@ -319,6 +320,8 @@ class Trainer:
             while self.step < t.steps:
                 stats = self.train_step()
                 window_units, window_time = window_units + stats.units, window_time + stats.seconds
+                self.session_units += stats.units
+                self.session_time += stats.seconds
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self._log_step(log, bar, stats, window_units / max(window_time, 1e-9))
@@ -362,11 +365,8 @@ class Trainer:
 
     def _summary(self, wall: float) -> Summary:
         total, active = self.params
-        tokens = self.step * self.cfg.train.grad_accum * self.cfg.train.batch_size
-        if isinstance(self.task, LMTask):
-            tokens *= self.cfg.train.seq_len
         sample = None
-        if isinstance(self.task, LMTask) and self.task.tokenizer is not None:
+        if self.task.can_sample:
             with self.autocast():
                 sample = self.task.sample(self.model, SAMPLE_PROMPT, SAMPLE_TOKENS, seed=self.cfg.train.seed)
         result = self.last_eval
@@ -375,8 +375,8 @@ class Trainer:
             baseline_loss=self.task.baseline_loss, params_total=total, params_active=active,
             flops_per_token=self.flops,
             experts=expert_report(result.expert_counts, result.router_entropy), unit=self.task.unit,
-            throughput=tokens / max(self.train_time, 1e-9), train_time_s=self.train_time, wall_time_s=wall,
-            sample=sample,
+            throughput=self.session_units / max(self.session_time, 1e-9), train_time_s=self.train_time,
+            wall_time_s=wall, sample=sample,
         )
 
 
@@ -392,11 +392,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None,
     new_dir = not out_dir.exists()
     with launch(expert_parallel, cfg, resolve_device(cfg.train.device)) as ranks:
         ckpt = ranks.from_main(lambda: _checkpoint_to_resume(out_dir, resume))
-        tokenizer = None if ckpt is None or ckpt.extra.get("tokenizer") is None \
-            else tokenizer_from_record(ckpt.extra["tokenizer"])
         trainer = None
         try:
-            trainer = Trainer(cfg, tokenizer=tokenizer, progress=progress, ranks=ranks)
+            trainer = Trainer(cfg, saved=None if ckpt is None else ckpt.extra, progress=progress, ranks=ranks)
             if ckpt is not None:
                 trainer.load(ckpt)
             return trainer.fit()
@@ -444,8 +442,7 @@ def load_run(path: str | os.PathLike, overrides: Callable[[RunConfig], RunConfig
     cfg = run_config_from_dict(ckpt.extra["config"])
     if overrides is not None:
         cfg = overrides(cfg)
-    record = ckpt.extra.get("tokenizer")
-    task = make_task(cfg, None if record is None else tokenizer_from_record(record))
+    task = make_task(cfg, ckpt.extra)
     model = task.build_model()
     model.load_state_dict(ckpt.model_state)
     return task, model.to(resolve_device(device)).eval(), ckpt
