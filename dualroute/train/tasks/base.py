@@ -9,6 +9,7 @@ The trainer, ``compare``, ``eval`` and ``inspect`` drive every task through ``Ta
 - ``evaluate(model, device)`` -> metrics, expert loads and router entropy; ``baseline_loss``;
 - ``state_extra()``: what the task saves in a checkpoint (a tokenizer, say), handed back to
   ``TaskType.make(cfg, saved)`` when the checkpoint is read;
+- ``write_eval_artifacts(model, result, device, out_dir)``: files ``dualroute eval`` writes (none by default);
 - ``flops_seq_len`` (attention length for the FLOP count, None without attention over a sequence) and
   ``sample(...)`` where the task can generate text (``can_sample``).
 
@@ -118,6 +119,12 @@ class Task:
 
     def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
         raise NotImplementedError
+
+    def write_eval_artifacts(self, model: nn.Module, result: EvalResult, device: torch.device,
+                             out_dir: Path) -> list[Path]:
+        """Files ``dualroute eval`` writes into ``out_dir`` beside its printout (a classifier's confusion
+        matrix, say); returns their paths. None by default."""
+        return []
 
 
 def to_device(x: Any, device: torch.device) -> Any:
