@@ -16,6 +16,7 @@ Two families, usable together:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,6 +58,55 @@ def aux_losses(routing: Routing, cfg: BalanceConfig, mask_T: torch.Tensor | None
         "load": lambda: losses.load_loss(routing.weights_TK, routing.expert_ids_TK, E, mask_T),
     }
     return {name: compute[name]() for name in cfg.active()}
+
+
+def global_aux_losses(routing: Routing, cfg: BalanceConfig, mask_T: torch.Tensor | None,
+                      sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`aux_losses` of the batch of every rank together (data / expert parallelism).
+
+    Every loss is a function of per-unit sums over tokens (Switch: assignment counts, summed
+    probabilities, token and assignment counts; z: summed squared logsumexp and token count;
+    importance / load: summed probabilities / gate values). This rank's sums go into one flat float64
+    vector; ``sum_over_ranks`` must return that vector summed over the ranks, differentiably (an
+    all-reduce whose backward sums the gradients: every rank adds the same loss). The losses are then
+    those of one process on the concatenated batch, value and gradient. ``sum_over_ranks = lambda v: v``
+    gives :func:`aux_losses`.
+    """
+    E, G = routing.scores_TE.shape[-1], routing.group_scores_TG.shape[-1]
+    stats = {
+        "switch": lambda: losses.switch_stats(routing.probs_TE, routing.expert_ids_TK, E, mask_T),
+        "group_switch": lambda: losses.switch_stats(routing.group_probs_TG, routing.group_ids_TJ, G, mask_T),
+        "z": lambda: losses.z_loss_sums(routing.expert_logits_TE, mask_T),
+        "group_z": lambda: _group_z_sums(routing, mask_T),
+        "importance": lambda: (losses.importance_sum(routing.probs_TE, mask_T),),
+        "load": lambda: (losses.load_sum(routing.weights_TK, routing.expert_ids_TK, E, mask_T),),
+    }
+    local = {name: stats[name]() for name in cfg.active()}
+    if not local:
+        return {}
+    parts = [t for values in local.values() for t in values]
+    total = sum_over_ranks(torch.cat([t.double().reshape(-1) for t in parts]))
+    summed, offset = [], 0
+    for t in parts:  # back to each sum's shape and dtype (integer counts are exact in float64)
+        piece = total[offset : offset + t.numel()].view(t.shape)
+        summed.append(piece.to(t.dtype) if t.is_floating_point() else piece.detach().round().to(t.dtype))
+        offset += t.numel()
+    out, i = {}, 0
+    for name, values in local.items():
+        mine, i = summed[i : i + len(values)], i + len(values)
+        if name in ("switch", "group_switch"):
+            out[name] = losses.switch_from_stats(*mine)
+        elif name in ("z", "group_z"):
+            out[name] = mine[0] / mine[1].clamp(min=1)
+        else:
+            out[name] = losses.cv_squared(mine[0])
+    return out
+
+
+def _group_z_sums(routing: Routing, mask_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if routing.group_logits_TG is None:  # as _group_z: nothing to penalise, a loss of 0
+        return routing.expert_logits_TE.new_zeros(()), torch.ones((), dtype=torch.int64)
+    return losses.z_loss_sums(routing.group_logits_TG, mask_T)
 
 
 def _group_z(routing: Routing, mask_T: torch.Tensor | None) -> torch.Tensor:

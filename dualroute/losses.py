@@ -86,7 +86,7 @@ def _scatter_to_units(values_TK: torch.Tensor, selected_TK: torch.Tensor, num_ex
     return out_E.scatter_add(0, selected_TK.clamp(min=0).reshape(-1), values_TK.reshape(-1))
 
 
-def _cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation, population variance: var(x) / (mean(x)^2 + eps)."""
     return x_E.var(correction=0) / (x_E.mean() ** 2 + CV_EPS)
 
@@ -94,8 +94,9 @@ def _cv_squared(x_E: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- losses
 
 
-def _switch_stats(probs_TE, selected_TK, num_experts, mask_T):
-    """The four sums the Switch loss is made of (shared with BalanceStats).
+def switch_stats(probs_TE, selected_TK, num_experts, mask_T):
+    """The four sums the Switch loss is made of (shared with BalanceStats and the global-batch losses of
+    ``dualroute.balance.global_aux_losses``: sums add up over micro-batches and over ranks).
 
     Returns (counts_E, probs_sum_E, num_tokens, num_assignments); counts and both totals are detached,
     ``probs_sum_E`` keeps its graph.
@@ -115,7 +116,8 @@ def _switch_stats(probs_TE, selected_TK, num_experts, mask_T):
     return counts_E, probs_sum_E, keep_T.sum(), valid_TK.sum()
 
 
-def _switch_from_stats(counts_E, probs_sum_E, num_tokens, num_assignments) -> torch.Tensor:
+def switch_from_stats(counts_E, probs_sum_E, num_tokens, num_assignments) -> torch.Tensor:
+    """The Switch loss from the sums of :func:`switch_stats` (of one batch, or added up over several)."""
     f_E = counts_E / num_assignments.clamp(min=1)
     p_E = probs_sum_E / num_tokens.clamp(min=1)
     return counts_E.numel() * (f_E * p_E).sum()
@@ -141,7 +143,7 @@ def switch_balance_loss(
     Equals 1 when both f and P are uniform and E when all tokens go to one unit with probability 1. f is a
     count, so the gradient flows through P only. Returns 0 when there is no real token or no valid slot.
     """
-    return _switch_from_stats(*_switch_stats(probs_TE, selected_TK, num_experts, mask_T))
+    return switch_from_stats(*switch_stats(probs_TE, selected_TK, num_experts, mask_T))
 
 
 def importance_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,12 +154,17 @@ def importance_loss(probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) 
     The paper applies it to the sparse gate values; pass those (T x E, zero where not chosen) or the dense
     router probabilities, whichever you mean to balance.
     """
+    return cv_squared(importance_sum(probs_TE, mask_T))
+
+
+def importance_sum(probs_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """``importance_E``: the router probabilities summed over real tokens (what :func:`importance_loss` takes
+    the CV^2 of; sums add up over ranks)."""
     _check_float_TE("probs_TE", probs_TE)
     _check_mask(mask_T, probs_TE.shape[0])
     probs_TE = _upcast(probs_TE)
     keep_T = _token_mask(mask_T, probs_TE.shape[0], probs_TE.device)
-    importance_E = torch.where(keep_T[:, None], probs_TE, 0.0).sum(0)
-    return _cv_squared(importance_E)
+    return torch.where(keep_T[:, None], probs_TE, 0.0).sum(0)
 
 
 def load_loss(
@@ -178,6 +185,16 @@ def load_loss(
     gate's noise std and gives gradient to units that were *not* chosen. This function needs no noise,
     gives no gradient to unchosen units, and measures gate mass, not token counts.
     """
+    return cv_squared(load_sum(weights_TK, selected_TK, num_experts, mask_T))
+
+
+def load_sum(
+    weights_TK: torch.Tensor,
+    selected_TK: torch.Tensor,
+    num_experts: int,
+    mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``load_E``: the kept gate values summed per unit (what :func:`load_loss` takes the CV^2 of)."""
     if weights_TK.shape != selected_TK.shape:
         raise ValueError(
             f"weights_TK shape {tuple(weights_TK.shape)} != selected_TK shape {tuple(selected_TK.shape)}"
@@ -188,7 +205,7 @@ def load_loss(
     _check_mask(mask_T, num_tokens)
     weights_TK = _upcast(weights_TK)
     kept_TK = torch.where(_valid_slots(selected_TK, mask_T), weights_TK, 0.0)
-    return _cv_squared(_scatter_to_units(kept_TK, selected_TK, num_experts))
+    return _scatter_to_units(kept_TK, selected_TK, num_experts)
 
 
 def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,6 +214,13 @@ def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
     Mean over real tokens; for zero logits over E units it equals ``ln(E)^2``. Penalises large router
     logits, which keeps the softmax numerically stable.
     """
+    squares, num_tokens = z_loss_sums(logits_TE, mask_T)
+    return squares / num_tokens.clamp(min=1)
+
+
+def z_loss_sums(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_t logsumexp(logits_TE[t])^2, number of real tokens)`` over real tokens: the z-loss is their
+    quotient (sums add up over ranks)."""
     _check_float_TE("logits_TE", logits_TE)
     num_tokens = logits_TE.shape[0]
     _check_mask(mask_T, num_tokens)
@@ -204,7 +228,7 @@ def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
     keep_T = _token_mask(mask_T, num_tokens, logits_TE.device)
     # Zero padded rows before logsumexp so an all -inf padding row cannot make a NaN gradient.
     lse_T = torch.where(keep_T[:, None], logits_TE, 0.0).logsumexp(-1)
-    return torch.where(keep_T, lse_T**2, 0.0).sum() / keep_T.sum().clamp(min=1)
+    return torch.where(keep_T, lse_T**2, 0.0).sum(), keep_T.sum()
 
 
 # --------------------------------------------------------------------------------------------- global batch
@@ -235,7 +259,7 @@ class BalanceStats:
     def update(
         self, probs_TE: torch.Tensor, selected_TK: torch.Tensor, mask_T: torch.Tensor | None = None
     ) -> None:
-        counts_E, probs_sum_E, num_tokens, num_assignments = _switch_stats(
+        counts_E, probs_sum_E, num_tokens, num_assignments = switch_stats(
             probs_TE, selected_TK, self.num_experts, mask_T
         )
         if self.counts_E is None:
@@ -251,7 +275,7 @@ class BalanceStats:
         """:func:`switch_balance_loss` over everything accumulated; 0 before any update."""
         if self.counts_E is None:
             return torch.zeros(())
-        return _switch_from_stats(self.counts_E, self.probs_sum_E, self.num_tokens, self.num_assignments)
+        return switch_from_stats(self.counts_E, self.probs_sum_E, self.num_tokens, self.num_assignments)
 
     def reset(self) -> None:
         self.counts_E = self.probs_sum_E = self.num_tokens = self.num_assignments = None

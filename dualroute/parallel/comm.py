@@ -70,6 +70,8 @@ def all_to_all(x_R: torch.Tensor, send_splits: list[int], recv_splits: list[int]
 
 
 def _all_to_all(x_R, send_splits, recv_splits, group, meter):
+    if dist.get_world_size(group) == 1:  # experts not spread (pure data parallelism): nothing to send
+        return x_R.clone()
     out_R = x_R.new_empty((sum(recv_splits), *x_R.shape[1:]))
     rank = dist.get_rank(group)
     try:
@@ -94,6 +96,38 @@ class _AllToAll(torch.autograd.Function):
         # The dual op: every row's gradient returns to the rank that sent the row.
         grad_x = _all_to_all(grad_R, ctx.recv_splits, ctx.send_splits, ctx.group, ctx.meter)
         return grad_x, None, None, None, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """``x`` summed over the ranks of ``group``, differentiably; the backward sums the gradients too.
+
+    For a loss that every rank computes from the global sums (the balance losses of the whole batch,
+    ``dualroute.balance.global_aux_losses``): rank r's partial sum feeds the loss of every rank, so its
+    gradient is the sum of the gradients every rank's loss sends back. Averaged over the W ranks (DDP,
+    ``data_parallel_grads``) that is exactly one process's gradient on the concatenated batch.
+    """
+    return _AllReduceSum.apply(x, group)
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    out = x.detach().clone().contiguous()
+    try:
+        dist.all_reduce(out, group=group)
+    except RuntimeError as e:  # name the op, as _all_to_all does
+        raise RuntimeError(f"balance-loss all-reduce failed on rank {dist.get_rank()} (a peer died or stalled past "
+                           f"the process group's timeout): {e}") from e
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
 
 
 def check_same_on_all_ranks(what: str, signature: object, group: ProcessGroup | None) -> None:

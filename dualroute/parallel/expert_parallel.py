@@ -17,7 +17,8 @@ rank's contiguous range (see ``placement``) and swaps the layer's class for
 
 Sending a token once per rank (not once per expert) is what lets placement pay: with dual-layer
 routing and ``G % W == 0`` a token crosses the wire at most J times, with flat top-k up to K.
-The aux result is the single-process layer's for the local tokens.
+The aux result is the single-process layer's for the local tokens; after
+``use_global_balance_losses`` its balance losses are those of the whole batch (all ranks).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from ..balance import global_aux_losses, weighted_total
 from ..dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from ..experts import Experts
 from ..layer import MoEAux, MoELayer
 from ..routing import Routing
-from .comm import Traffic, all_to_all, check_same_on_all_ranks, exchange_counts, group_rank_and_size
+from .comm import Traffic, all_reduce_sum, all_to_all, check_same_on_all_ranks, exchange_counts, group_rank_and_size
 from .placement import Placement
 
 
@@ -44,6 +46,10 @@ class ExpertShard:
     rank: int
     placement: Placement
     traffic: Traffic
+    # The balance losses: of this rank's tokens (False), or of the batch of every rank of ``balance_group``
+    # together (``use_global_balance_losses``), as one process on the concatenated batch.
+    global_balance: bool = False
+    balance_group: ProcessGroup | None = None
 
     @property
     def world(self) -> int:
@@ -88,6 +94,23 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None, *
     return model
 
 
+def use_global_balance_losses(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+    """Compute every sharded layer's aux balance losses on the batch of all ranks of ``group`` together
+    (default: the default process group, i.e. every rank holds a share of the batch); returns ``model``.
+
+    The losses then equal one process's on the concatenated batch, and so do their gradients once the
+    replicated gradients are averaged over the ranks (DDP or ``data_parallel_grads``). Each layer call
+    with a balance loss on adds one all-reduce (forward) and one more in backward. Every rank of
+    ``group`` must call each layer the same number of times.
+    """
+    layers = expert_parallel_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no expert-parallel layer: call apply_expert_parallel first")
+    for _, layer in layers:
+        layer.ep.global_balance, layer.ep.balance_group = True, group
+    return model
+
+
 def expert_parallel_layers(model: nn.Module) -> list[tuple[str, ExpertParallelMoELayer]]:
     """``(qualified name, layer)`` of every sharded layer, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertParallelMoELayer)]
@@ -115,6 +138,18 @@ class ExpertParallelMoELayer(MoELayer):
         keep_TK = None if plan is None else _kept_slots(plan)
         y_TD = expert_parallel_ffn(x_TD, routing.expert_ids_TK, routing.weights_TK, keep_TK, self.experts, self.ep)
         return y_TD, _local_aux(self, routing, plan, mask_T)
+
+    def make_aux(self, routing: Routing, dropped_E: torch.Tensor, mask_T: torch.Tensor | None,
+                 tokens_per_expert_E: torch.Tensor | None = None) -> MoEAux:
+        """The single-process layer's aux result for this rank's tokens; with ``ep.global_balance``, its
+        balance losses are those of the whole batch (every rank of ``ep.balance_group``): one all-reduce of
+        their per-unit sums, differentiable (``global_aux_losses``). Loads stay local."""
+        aux = super().make_aux(routing, dropped_E, mask_T, tokens_per_expert_E)
+        if not self.ep.global_balance or not aux.losses:
+            return aux
+        group = self.ep.balance_group
+        values = global_aux_losses(routing, self.cfg.balance, mask_T, lambda v: all_reduce_sum(v, group))
+        return replace(aux, losses=values, loss=weighted_total(values, self.cfg.balance, routing.expert_logits_TE))
 
     def _capacity_plan(self, routing: Routing, T: int) -> DispatchPlan | None:
         """With a capacity, the local drop decision (capacity from the LOCAL token count, as the
