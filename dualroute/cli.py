@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-parallel", type=int, default=None, metavar="N",
                    help="shard the experts over N processes, each training on 1/N of the batch; launch with "
                         "torchrun --nproc-per-node N -m dualroute train ... --expert-parallel N (N = WORLD_SIZE)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="D",
+                   help="D replicas of the (--expert-parallel E) expert shards: W = E x D processes (WORLD_SIZE), "
+                        "each training on 1/W of the batch; e.g. torchrun --nproc-per-node 4 ... "
+                        "--expert-parallel 2 --data-parallel 2")
 
     p = sub.add_parser("eval", help="validation metrics of a checkpoint", allow_abbrev=False)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
@@ -194,7 +198,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = load_config_file(args.config, cfg)
     cfg = override(cfg, overrides)
     summary = train(cfg, resume=args.resume, progress=False if args.quiet else None,
-                    expert_parallel=args.expert_parallel)
+                    expert_parallel=args.expert_parallel, data_parallel=args.data_parallel)
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
         print(format_summary(summary))
     return 0

@@ -14,16 +14,28 @@ batch (equal local batches) computes ``L = (1/W) sum_r L_r``. So:
 micro-batches) and before clipping and ``optimizer.step()``. A gradient that is None on some
 ranks and not others (an expert shard that received no rows, say) becomes zeros, as it would be
 on one process. Clip with ``clip_grad_norm_``, whose norm counts every expert shard once.
+
+On a DP x EP mesh (``mesh.py``) the same expert shard lives on the DP ranks of its "dp" group, and
+its gradient is ``(1/W) * sum over that group`` (each replica's all-to-all backward brought the
+gradients of its own EP ranks' losses): pass ``dp_group``.
+
+``replicate_with_ddp`` hands the replicated parameters to PyTorch's DistributedDataParallel instead:
+its buckets are all-reduced while backward still runs (communication overlaps computation), and
+``no_sync()`` skips them on all but the last micro-batch. The expert shards are excluded from its
+buckets; ``reduce_expert_grads`` scales them (and averages them over ``dp_group``) after backward.
+``data_parallel_grads`` stays as the hand-written path (``dualroute bench ep`` times both).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.nn.parallel import DistributedDataParallel
 
 from ..layer import MoEAux
 from .comm import collective_device, group_rank_and_size
@@ -42,26 +54,68 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def data_parallel_grads(model: nn.Module, group: ProcessGroup | None = None) -> None:
-    """Average replicated gradients over ranks; divide expert-shard gradients by the world size."""
+def data_parallel_grads(model: nn.Module, group: ProcessGroup | None = None, *,
+                        dp_group: ProcessGroup | None = None) -> None:
+    """Average replicated gradients over the ranks of ``group`` (all W of them); expert-shard gradients:
+    summed over ``dp_group`` (the ranks holding the same shard; None: each shard lives on one rank), / W."""
     _, world = group_rank_and_size(group)
-    replicated, sharded = replicated_parameters(model), expert_parameters(model)
-    _fill_missing_grads(replicated + sharded, group)
+    replicated = replicated_parameters(model)
+    _fill_missing_grads(replicated, group)
     _all_reduce_mean([p.grad for p in replicated if p.grad is not None], world, group)
-    for p in sharded:
-        if p.grad is not None:
-            p.grad.div_(world)
+    reduce_expert_grads(model, world, dp_group)
+
+
+@torch.no_grad()
+def reduce_expert_grads(model: nn.Module, world: int, dp_group: ProcessGroup | None = None) -> None:
+    """Expert-shard gradients after backward: a missing one becomes zeros (a shard that received no rows: one
+    process's stacked weight always has a gradient), summed over ``dp_group`` if given, divided by ``world``."""
+    grads = []
+    for p in expert_parameters(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        _all_reduce_mean(grads, world, dp_group)
+        return
+    for g in grads:
+        g.div_(world)
+
+
+def replicate_with_ddp(model: nn.Module, group: ProcessGroup | None = None, *,
+                       bucket_cap_mb: float = 25.0) -> DistributedDataParallel:
+    """``DistributedDataParallel`` over ``group`` for the replicated parameters of ``model``.
+
+    The expert shards are excluded from its buckets and from its initial broadcast (they differ between
+    ranks); call ``reduce_expert_grads`` after the last backward of a step. Train through the returned
+    module (its forward prepares the buckets; ``no_sync()`` for all but the last micro-batch) and keep
+    using ``model`` itself for everything else (state dicts, evaluation). Buffers are not broadcast: the
+    correction biases stay equal because every rank updates them from the same summed loads.
+    Every replicated parameter must get a gradient in every backward (DDP's ``find_unused_parameters``
+    is off).
+    """
+    sharded = {id(p) for p in expert_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) in sharded]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    # torch >= 2.11 names the option forward_sync_buffers (and warns about broadcast_buffers)
+    no_buffer_sync = {"forward_sync_buffers": False} \
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters \
+        else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb, **no_buffer_sync)
 
 
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: ProcessGroup | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the whole (sharded) model; returns the total norm.
 
-    Call after ``data_parallel_grads``: replicated grads are then equal on every rank and count
-    once; the squared norms of the expert shards are summed over ranks.
+    Call after ``data_parallel_grads`` (or DDP's backward and ``reduce_expert_grads``): replicated grads
+    are then equal on every rank and count once; the squared norms of the expert shards are summed over
+    ``group``, the ranks that hold one copy of every expert (default: the layers' expert-parallel group).
     """
     replicated = [p.grad for p in replicated_parameters(model) if p.grad is not None]
     sharded = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if group is None:
+        layers = expert_parallel_layers(model)
+        group = layers[0][1].ep.group if layers else None
     device = collective_device(group)
     sharded_sq = _sum_of_squares(sharded, device)
     dist.all_reduce(sharded_sq, group=group)

@@ -1,23 +1,29 @@
-"""What the trainer does differently on several ranks (expert parallelism), behind one small interface.
+"""What the trainer does differently on several ranks (expert + data parallelism), behind one small interface.
 
 ``SingleProcess`` is the plain trainer: every hook is the identity or a no-op. ``ExpertParallel``
-is the same run spread over the W ranks of a process group:
+is the same run spread over the W = EP x DP ranks of a process group, laid out on a ("dp", "ep")
+device mesh (``dualroute.parallel.mesh``):
 
-* every rank builds the same model (same seed) and keeps E/W experts (``apply_expert_parallel``);
+* every rank builds the same model (same seed) and keeps E/EP experts (``apply_expert_parallel`` over
+  its "ep" group); the DP replicas along "dp" hold the same shards;
 * ``train.batch_size`` is the GLOBAL batch: every rank draws it with the same generator and trains
   on its contiguous share of ``batch_size / W`` rows, so W ranks train on exactly the rows one
   process would, and the data generator (saved in checkpoints) is the same on every rank;
-* gradients: replicated ones averaged, expert shards scaled (``data_parallel_grads``), clipped by
-  the norm of the whole model; the loss and the expert loads are reduced over ranks before anything
-  reads them, so logs, the finite-loss check and the correction-bias update agree on every rank;
+* gradients: replicated parameters under DistributedDataParallel over all W ranks (buckets reduced
+  while backward runs; ``no_sync`` on all but the last micro-batch), expert shards averaged over "dp"
+  and scaled after backward (``reduce_expert_grads``), clipped by the norm of the whole model; the
+  aux balance losses are computed on the global batch (``use_global_balance_losses``); the loss and
+  the expert loads are reduced over ranks before anything reads them, so logs, the finite-loss check
+  and the correction-bias update agree on every rank;
 * evaluation and the sample: every rank runs the same validation batches (the experts are spread
   over the ranks, so all must take part); the metrics equal one process's;
 * rank 0 alone writes the run directory; the others wait at a barrier while it saves. Checkpoints
   hold the gathered (unsharded) weights and optimizer state: they are single-process checkpoints
   and resume on any W that divides E and the batch.
 
-``launch(expert_parallel, cfg)`` checks the world size, starts the process group if needed (with
-``train.dist_timeout_s``, so a dead or stalled peer is an error, not a hang) and yields the ranks.
+``launch(expert_parallel, cfg, device, data_parallel)`` checks the world size (EP x DP = WORLD_SIZE),
+starts the process group if needed (with ``train.dist_timeout_s``, so a dead or stalled peer is an
+error, not a hang), builds the mesh and yields the ranks.
 """
 
 from __future__ import annotations
@@ -28,16 +34,17 @@ import os
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dualroute.layer import MoEAux
-from dualroute.parallel import (apply_expert_parallel, clip_grad_norm_, data_parallel_grads, gather_expert_state,
-                                gather_optimizer_state, init_distributed, load_full_optimizer_state,
-                                load_full_state_dict)
+from dualroute.parallel import (ParallelLayout, apply_expert_parallel, clip_grad_norm_, data_parallel_grads,
+                                gather_expert_state, gather_optimizer_state, init_distributed, init_mesh,
+                                load_full_optimizer_state, load_full_state_dict, reduce_expert_grads,
+                                replicate_with_ddp, use_global_balance_losses)
 from dualroute.parallel.comm import check_same_on_all_ranks, collective_device
 from dualroute.train.checkpoint import latest_checkpoint
 from dualroute.train.metrics_log import JsonlLogger
@@ -46,6 +53,7 @@ from dualroute.train.presets import RunConfig, run_config_to_dict
 
 T = TypeVar("T")
 Batch = tuple[torch.Tensor, ...]
+GradSync = Literal["ddp", "manual"]  # replicated gradients: DistributedDataParallel, or data_parallel_grads
 
 
 class SingleProcess:
@@ -69,6 +77,11 @@ class SingleProcess:
 
     def my_rows(self, batch: Batch) -> Batch:
         return batch
+
+    @contextmanager
+    def micro_batch(self, model: nn.Module, sync: bool) -> Iterator[nn.Module]:
+        """The module to run one training micro-batch through; ``sync``: its backward is the step's last."""
+        yield model
 
     def mean(self, *values: float) -> tuple[float, ...]:
         return values
@@ -100,10 +113,21 @@ class SingleProcess:
 
 
 class ExpertParallel(SingleProcess):
-    """This rank of the default process group; the experts are sharded over all of it."""
+    """This rank of the default process group, on the ("dp", "ep") mesh of ``layout``: the experts are
+    sharded over its "ep" group, everything else is replicated on all W ranks.
 
-    def __init__(self) -> None:
+    ``grad_sync="ddp"`` (the trainer's): replicated gradients under DistributedDataParallel; ``"manual"``:
+    the hand-written all-reduce after the whole backward (``data_parallel_grads``), kept for comparison.
+    """
+
+    def __init__(self, layout: ParallelLayout | None = None, grad_sync: GradSync = "ddp") -> None:
+        if grad_sync not in ("ddp", "manual"):
+            raise ValueError(f"grad_sync must be 'ddp' or 'manual', got {grad_sync!r}")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.layout = layout or ParallelLayout(expert_parallel=self.world)
+        self.mesh = init_mesh(self.layout)  # the default group's timeout: train.dist_timeout_s under torchrun
+        self.grad_sync = grad_sync
+        self.ddp: nn.Module | None = None
         self.device = collective_device(None)
 
     def check(self, cfg: RunConfig) -> None:
@@ -117,7 +141,12 @@ class ExpertParallel(SingleProcess):
                              f"over world={self.world} ranks")
 
     def shard(self, model: nn.Module) -> nn.Module:
-        return apply_expert_parallel(model, world_size=self.world)
+        """Keep this rank's experts, balance losses of the global batch, DDP for the replicated parameters."""
+        apply_expert_parallel(model, self.mesh.ep_group, world_size=self.layout.expert_parallel)
+        use_global_balance_losses(model, self.mesh.balance_group)
+        if self.grad_sync == "ddp":
+            self.ddp = replicate_with_ddp(model, self.mesh.grad_group)
+        return model
 
     def seed_own_rng(self) -> None:
         """Ranks > 0 leave the shared torch RNG stream (derived from it and the rank), so dropout masks
@@ -128,6 +157,20 @@ class ExpertParallel(SingleProcess):
     def my_rows(self, batch: Batch) -> Batch:
         rows = batch[0].shape[0] // self.world
         return tuple(v[self.rank * rows : (self.rank + 1) * rows] for v in batch)
+
+    @contextmanager
+    def micro_batch(self, model: nn.Module, sync: bool) -> Iterator[nn.Module]:
+        """DDP around ``model``; without ``sync`` (all micro-batches but the last) its gradients only accumulate."""
+        if self.ddp is None:
+            yield model
+            return
+        if self.ddp.module is not model:
+            raise ValueError("micro_batch: pass the model this rank sharded (ranks.shard's result)")
+        if sync:
+            yield self.ddp
+            return
+        with self.ddp.no_sync():
+            yield self.ddp
 
     def mean(self, *values: float) -> tuple[float, ...]:
         """Means over ranks (equal shares of the batch: the global batch's value)."""
@@ -153,8 +196,11 @@ class ExpertParallel(SingleProcess):
         return out
 
     def reduce_and_clip_grads(self, model: nn.Module, params: list[nn.Parameter], max_norm: float) -> float:
-        data_parallel_grads(model)
-        return float(clip_grad_norm_(model, max_norm))
+        if self.ddp is None:  # the hand-written all-reduce of every replicated gradient, after backward
+            data_parallel_grads(model, dp_group=self.mesh.dp_group)
+        else:  # DDP has averaged the replicated ones during backward
+            reduce_expert_grads(model, self.world, self.mesh.dp_group)
+        return float(clip_grad_norm_(model, max_norm, self.mesh.ep_group))
 
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
         """The unsharded model's and optimizer's state dicts (collectives: every rank calls it)."""
@@ -221,22 +267,30 @@ def abandoned_process_group() -> bool:
 
 
 @contextmanager
-def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) -> Iterator[SingleProcess]:
-    """The ranks of this run; ``expert_parallel`` (None = 1) must equal the launched world size.
+def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device,
+           data_parallel: int | None = None, grad_sync: GradSync = "ddp") -> Iterator[SingleProcess]:
+    """The ranks of this run; ``expert_parallel`` x ``data_parallel`` (None = 1 each) must equal the
+    launched world size.
 
     Under torchrun (``WORLD_SIZE`` > 1, no process group yet) the group is started here with
     ``train.dist_timeout_s`` and torn down after a normal exit; a group started by the caller (e.g.
     ``run_workers``) is used as it is. A RuntimeError on several ranks (a collective failed: a peer
     died or stalled) is re-raised naming this rank and the run directory's last checkpoint.
     """
-    wanted = 1 if expert_parallel is None else expert_parallel
-    if wanted < 1:
-        raise ValueError(f"--expert-parallel must be >= 1, got {wanted}")
+    for flag, value in (("--expert-parallel", expert_parallel), ("--data-parallel", data_parallel)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
+    layout = ParallelLayout(expert_parallel=expert_parallel or 1, data_parallel=data_parallel or 1)
     world = launched_world()
-    if wanted != world:
-        raise ValueError(f"--expert-parallel {wanted}{' (not given)' if expert_parallel is None else ''} must equal "
-                         f"the number of launched processes, WORLD_SIZE={world}: launch "
-                         f"`torchrun --nproc-per-node N -m dualroute train ... --expert-parallel N` with one N")
+    if layout.world != world:
+        if data_parallel is None:
+            asked = f"--expert-parallel {layout.expert_parallel}{' (not given)' if expert_parallel is None else ''}"
+        else:
+            asked = (f"--expert-parallel {layout.expert_parallel} x --data-parallel {layout.data_parallel} "
+                     f"= {layout.world}")
+        raise ValueError(f"{asked} must equal the number of launched processes, WORLD_SIZE={world}: launch "
+                         f"`torchrun --nproc-per-node N -m dualroute train ... --expert-parallel N` with one N, "
+                         f"or --expert-parallel E --data-parallel D with E x D = N x NNODES")
     if world == 1:
         yield SingleProcess()
         return
@@ -245,7 +299,7 @@ def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) ->
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         init_distributed("nccl" if device.type == "cuda" else "gloo", cfg.train.dist_timeout_s)
-    ranks = ExpertParallel()
+    ranks = ExpertParallel(layout, grad_sync)
     try:
         yield ranks
     except RuntimeError as e:
@@ -256,5 +310,6 @@ def launch(expert_parallel: int | None, cfg: RunConfig, device: torch.device) ->
         raise RuntimeError(f"rank {ranks.rank} of {ranks.world} stopped: {e} -- if another rank died or stalled, "
                            f"every rank stops within train.dist_timeout_s; continue from {where} with --resume") from e
     ranks.barrier()  # train() returns on every rank once the run directory is complete
+    ranks.mesh.destroy()
     if started_here:
         dist.destroy_process_group()

@@ -7,8 +7,8 @@ schedule, the global RNGs and the batch sampler's generator), so an interrupted 
 takes the very steps the uninterrupted run would have taken.
 
 ``train(cfg, expert_parallel=W)`` under ``torchrun --nproc-per-node W`` runs the same steps with the
-experts sharded over W ranks: the trainer calls its ``ranks`` (``distributed.py``) at the few points
-where that differs; on one process those calls do nothing.
+experts sharded over W ranks (``data_parallel=D`` as well: W = E x D ranks): the trainer calls its
+``ranks`` (``distributed.py``) at the few points where that differs; on one process those calls do nothing.
 """
 
 from __future__ import annotations
@@ -278,13 +278,14 @@ class Trainer:
         self.model.train()
         loss_sum = aux_sum = torch.zeros((), device=self.device)
         units, aux = 0, []
-        for _ in range(n):
+        for i in range(n):
             batch = self.task.train_batch(self.data_rng)  # the global batch: the same on every rank
             units += self.task.units(batch)
             x, y = self.ranks.my_rows(batch)  # this rank's share
             x, y = to_device(x, self.device), y.to(self.device)
-            with self.autocast():
-                out = self.task.forward(self.model, x)
+            # several ranks: through DDP, whose gradients are reduced in the last micro-batch's backward only
+            with self.autocast(), self.ranks.micro_batch(self.model, sync=i == n - 1) as model:
+                out = self.task.forward(model, x)
                 loss = self.task.loss(out, (x, y))
                 extra = aux_loss(out.aux)
             ((loss if extra is None else loss + extra) / n).backward()
@@ -381,16 +382,18 @@ class Trainer:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None,
-          expert_parallel: int | None = None) -> Summary:
+          expert_parallel: int | None = None, data_parallel: int | None = None) -> Summary:
     """Train ``cfg``; with ``resume``, continue from the newest checkpoint in ``train.out_dir`` if there is one.
 
     ``expert_parallel=W``: shard the experts over the W launched processes (torchrun, or a process
-    group the caller started); W must equal the world size. Rank 0 reads the checkpoint and sends it
-    to the others, so only rank 0 needs the run directory. Returns the summary on every rank.
+    group the caller started); W must equal the world size. ``expert_parallel=E, data_parallel=D``:
+    W = E x D ranks, D replicas of the experts sharded over E ranks each (docs/distributed.md). Rank 0
+    reads the checkpoint and sends it to the others, so only rank 0 needs the run directory. Returns
+    the summary on every rank.
     """
     out_dir = Path(cfg.train.out_dir)
     new_dir = not out_dir.exists()
-    with launch(expert_parallel, cfg, resolve_device(cfg.train.device)) as ranks:
+    with launch(expert_parallel, cfg, resolve_device(cfg.train.device), data_parallel) as ranks:
         ckpt = ranks.from_main(lambda: _checkpoint_to_resume(out_dir, resume))
         trainer = None
         try:
