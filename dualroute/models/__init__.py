@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from .common import ModelOutput, flops_per_token, param_counts, replace_moe_with_dense
-from .lm import KVCache, LMConfig, TransformerLM
+from .blocks import KVCache
+from .lm import LMConfig, TransformerLM
 from .vision import ImageConfig, ViTClassifier
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoEConfig
-from .blocks import Block, rope_tables
+from .blocks import Block, KVCache, rope_tables  # KVCache: re-exported here too
 from .common import (ModelOutput, build_ffn, check_dropout, check_moe, check_positive_float, run_decoder_blocks,
                      check_positive_ints, replace_moe_with_dense)
 
@@ -69,31 +69,6 @@ def dense_twin(cfg: LMConfig) -> LMConfig:
     if not isinstance(cfg, LMConfig):
         raise TypeError(f"expected an LMConfig, got {type(cfg).__name__}")
     return replace_moe_with_dense(cfg)
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated to ``max_seq_len``; positions ``[0, pos)`` are filled.
-
-    The model advances ``pos`` after each forward, once every layer has written its keys.
-    """
-
-    def __init__(self, n_layers: int, batch_size: int, n_heads: int, head_dim: int, max_seq_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, n_heads, max_seq_len, head_dim)
-        self.k_BHLd = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v_BHLd = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.pos = 0
-
-    def update(self, layer: int, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys / values at ``[pos, pos + S)``; return all of ``[0, pos + S)``."""
-        end = self.pos + k_BHSd.shape[2]
-        self.k_BHLd[layer][:, :, self.pos : end] = k_BHSd
-        self.v_BHLd[layer][:, :, self.pos : end] = v_BHSd
-        return self.k_BHLd[layer][:, :, :end], self.v_BHLd[layer][:, :, :end]
-
-    def reset(self) -> None:
-        self.pos = 0
 
 
 class TransformerLM(nn.Module):
