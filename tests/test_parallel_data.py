@@ -156,8 +156,30 @@ def test_non_utf8_names_path_and_line(tmp_path, gz):
     data = "".join(d + "\n" for d in DE[:4]).encode() + "Straße\n".encode("latin-1") + b"x\ny\nz\n"
     tgt = tmp_path / ("b.de.gz" if gz else "b.de")
     tgt.write_bytes(gzip.compress(data) if gz else data)
-    with pytest.raises(ValueError, match=r"b\.de(\.gz)?, line 5: not valid UTF-8 \(bad byte 0xdf at column 5\)"):
+    with pytest.raises(ValueError, match=r"b\.de(\.gz)?, line 5: not valid UTF-8 \(bad byte 0xdf at byte 5 "):
         load_parallel(f"{src},{tgt}")
+
+
+def test_non_utf8_on_the_first_line_and_a_broken_gzip(tmp_path):
+    src = write(tmp_path / "a.en", EN[:2])
+    tgt = tmp_path / "b.de"
+    tgt.write_bytes(b"\xffab\nok\n")
+    with pytest.raises(ValueError, match=r"b\.de, line 1: not valid UTF-8 \(bad byte 0xff at byte 1 of the line\)"):
+        load_parallel(f"{src},{tgt}")
+    tgt.write_bytes(gzip.compress("Hallo\nWelt\n".encode())[:-6])
+    with pytest.raises(ValueError, match=r"b\.de looks gzipped but cannot be decompressed"):
+        load_parallel(f"{src},{tgt}")
+
+
+def test_a_byte_order_mark_is_dropped_and_a_one_sided_test_set_ignored(tmp_path):
+    (tmp_path / "train.en").write_bytes("\ufeff".encode() + "".join(e + "\n" for e in EN).encode())
+    write(tmp_path / "train.de", DE)
+    write(tmp_path / "test_2017_a.en", EN[:1])  # no German side: not a test pair
+    write(tmp_path / "test_2018_b.en", EN[:2])
+    write(tmp_path / "test_2018_b.de", DE[:2])
+    splits = load_parallel(tmp_path)
+    assert (EN[0], DE[0]) in splits.train + splits.val
+    assert splits.test == list(zip(EN[:2], DE[:2]))
 
 
 @pytest.mark.parametrize("bad_line, tabs", [("no tab here", 0), ("a\tb\tc", 2)])
@@ -208,6 +230,10 @@ def test_bpe_round_trip_and_specials(toy_splits, shared):
     assert len(tok.encode_src(EN[0])) < len(EN[0])  # merges were learned
     with pytest.raises(ValueError, match="token id 99999 is outside the vocabulary"):
         tok.decode_tgt([99999])
+
+
+def test_bpe_training_is_deterministic(toy_splits):
+    assert train_pair_tokenizer(toy_splits, 300).to_record() == train_pair_tokenizer(toy_splits, 300).to_record()
 
 
 @pytest.mark.parametrize("kind, shared", [("bpe", True), ("bpe", False), ("char", True), ("char", False)])

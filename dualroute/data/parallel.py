@@ -68,17 +68,17 @@ def _read_lines(path: Path) -> list[str]:
             raise ValueError(f"{path} looks gzipped but cannot be decompressed: {e}") from e
     if not raw.strip():
         raise ValueError(f"{path} is empty (no text lines)")
-    chunks = raw.split(b"\n")
-    if chunks[-1] == b"":
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at byte "
+                         f"{column} of the line)") from None
+    chunks = text.removeprefix("\ufeff").split("\n")
+    if chunks[-1] == "":
         chunks.pop()  # the newline ending the last line
-    lines = []
-    for number, chunk in enumerate(chunks, start=1):
-        try:
-            lines.append(chunk.decode("utf-8").strip())
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}, line {number}: not valid UTF-8 (bad byte 0x{chunk[e.start]:02x} "
-                             f"at column {e.start + 1})") from e
-    return lines
+    return [chunk.strip() for chunk in chunks]
 
 
 def _zip_files(src_path: Path, tgt_path: Path) -> tuple[list[Pair], int]:
@@ -180,8 +180,8 @@ def load_parallel(path: str | Path, src_lang: str = "en", tgt_lang: str = "de", 
         else:
             train, val = split_off(train, val_fraction, seed)
         for stem in _test_stems(p, src_lang):
-            test_files = _folder_pair(p, stem, src_lang, tgt_lang)
-            if test_files is not None:
+            test_files = _find(p, stem, src_lang), _find(p, stem, tgt_lang)
+            if None not in test_files:  # a test set in the source language only is not a test pair
                 test, n = _zip_files(*test_files)
                 skipped += n
                 test_name = f" ({stem})"
