@@ -435,3 +435,15 @@ def test_parse_cmudict_text():
     assert parse_cmudict(text) == {"read": ["R EH1 D", "R IY1 D"], "aalen": ["AE1 L AH0 N"]}
     with pytest.raises(ValueError, match="cmudict line 2: a word without phonemes"):
         parse_cmudict("a AH0\nb\n")
+
+
+def test_parallel_stats_prints_tokens_and_buckets(tmp_path, capsys):
+    from dualroute.data.parallel_stats import main
+
+    path = write(tmp_path / "pairs.tsv", [f"{e}\t{d}" for e, d in zip(EN * 4, DE * 4)])
+    main([str(path), "--vocab", "300", "--max-tokens", "64"])
+    out = capsys.readouterr().out
+    assert "en-de parallel text: 30 train / 2 val pairs" in out
+    assert "train buckets at max_tokens=64, max_len=None:" in out and "% padding" in out
+    with pytest.raises(SystemExit):
+        main([])  # neither a path nor --g2p

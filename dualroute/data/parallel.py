@@ -412,13 +412,10 @@ def collate_pairs(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[i
                          f"and {len(tgt_ids)}")
     S = max(1, max(len(s) for s in src_ids))
     T = max(len(t) for t in tgt_ids) + 1
-    src_BS = torch.full((len(src_ids), S), pad_id, dtype=torch.int64)
-    tgt_in_BT = torch.full((len(tgt_ids), T), pad_id, dtype=torch.int64)
-    tgt_out_BT = torch.full((len(tgt_ids), T), pad_id, dtype=torch.int64)
-    for b, (src, tgt) in enumerate(zip(src_ids, tgt_ids)):
-        src_BS[b, : len(src)] = torch.as_tensor(list(src), dtype=torch.int64)
-        tgt_in_BT[b, : len(tgt) + 1] = torch.as_tensor([bos_id, *tgt], dtype=torch.int64)
-        tgt_out_BT[b, : len(tgt) + 1] = torch.as_tensor([*tgt, eos_id], dtype=torch.int64)
+    # One tensor from padded Python rows: a row-by-row copy into a tensor is several times slower.
+    src_BS = torch.tensor([[*s, *[pad_id] * (S - len(s))] for s in src_ids], dtype=torch.int64)
+    tgt_in_BT = torch.tensor([[bos_id, *t, *[pad_id] * (T - 1 - len(t))] for t in tgt_ids], dtype=torch.int64)
+    tgt_out_BT = torch.tensor([[*t, eos_id, *[pad_id] * (T - 1 - len(t))] for t in tgt_ids], dtype=torch.int64)
     return src_BS, tgt_in_BT, tgt_out_BT
 
 
@@ -485,6 +482,11 @@ class BucketedPairs:
         """Padded tokens of a batch: (longest source + longest target + 1) * rows."""
         return (max(self._src_len[i] for i in batch) + max(self._tgt_len[i] for i in batch)) * len(batch)
 
+    def padding_fraction(self, batches: Sequence[Sequence[int]]) -> float:
+        """Share of the padded tokens of ``batches`` that are padding (source and target sides together)."""
+        real = sum(self._src_len[i] + self._tgt_len[i] for b in batches for i in b)
+        return 1.0 - real / sum(self.cost(b) for b in batches)
+
     def _pack(self, order: Sequence[int]) -> list[list[int]]:
         batches: list[list[int]] = []
         current: list[int] = []
@@ -530,3 +532,4 @@ class BucketedPairs:
         """(indices, collated tensors) for each deterministic batch."""
         for batch in self.eval_batches():
             yield batch, self.collate(batch)
+
