@@ -37,7 +37,8 @@ from torch import nn
 
 from .config_types import check_field_types
 
-ExpertKind = Literal["linear", "mlp", "swiglu"]
+# "conv": a 3x3 conv block over feature maps, built by ``dualroute.conv_experts`` (not by ``Experts``).
+ExpertKind = Literal["linear", "mlp", "swiglu", "conv"]
 Activation = Literal["gelu", "relu", "silu"]
 
 
@@ -59,8 +60,8 @@ class ExpertConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.out_dim is not None and (not isinstance(self.out_dim, int) or self.out_dim < 1):
             raise ValueError(f"out_dim must be a positive int or None, got {self.out_dim!r}")
-        if self.kind not in ("linear", "mlp", "swiglu"):
-            raise ValueError(f"unknown expert kind {self.kind!r}; expected 'linear', 'mlp' or 'swiglu'")
+        if self.kind not in ("linear", "mlp", "swiglu", "conv"):
+            raise ValueError(f"unknown expert kind {self.kind!r}; expected 'linear', 'mlp', 'swiglu' or 'conv'")
         if self.activation not in ("gelu", "relu", "silu"):
             raise ValueError(f"unknown activation {self.activation!r}; expected 'gelu', 'relu' or 'silu'")
 
@@ -78,6 +79,9 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ExpertConfig) -> None:
         super().__init__()
+        if cfg.kind == "conv":
+            raise ValueError("expert kind 'conv' runs on feature maps (B, C, H, W): build it with "
+                             "dualroute.conv_experts (ConvMoELayer, ConvFFN), not Experts / MoELayer / DenseFFN")
         self.cfg = cfg
         E, D, Fh, O = cfg.num_experts, cfg.dim, cfg.hidden, cfg.output_dim
         if cfg.kind == "linear":

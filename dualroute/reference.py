@@ -132,3 +132,17 @@ def _group_score(scores_M: torch.Tensor, how: str) -> torch.Tensor:
     if how == "sum":
         return scores_M.sum()
     return scores_M.max()
+
+
+def reference_conv_forward(layer, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """A ``ConvMoELayer``'s output by a plain loop: each image through each of its selected experts, weighted by
+    ``reference_routing`` of its average-pooled features (capacities included)."""
+    c_BE, _ = reference_routing(layer, x_BCHW.mean(dim=(2, 3)))
+    images = []
+    for b in range(x_BCHW.shape[0]):
+        y_CHW = x_BCHW.new_zeros(x_BCHW.shape[1:])
+        for e in range(layer.cfg.num_experts):
+            if c_BE[b, e] != 0:
+                y_CHW = y_CHW + c_BE[b, e].to(x_BCHW.dtype) * layer.experts.forward_one(e, x_BCHW[b : b + 1])[0]
+        images.append(y_CHW)
+    return torch.stack(images)

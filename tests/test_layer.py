@@ -622,7 +622,7 @@ BAD_CONFIGS = [
     (lambda: MoEConfig(dim=4, hidden=4, num_experts=0), ["num_experts", "got 0"]),
     (lambda: MoEConfig(dim=4, hidden=4, router=RouterOptions(score_func="tanh")), ["'tanh'"]),
     (lambda: MoEConfig(dim=4, hidden=4, router=RouterOptions(group_router="mystery")), ["'mystery'"]),
-    (lambda: MoEConfig(dim=4, hidden=4, expert_kind="conv"), ["'conv'"]),
+    (lambda: MoEConfig(dim=4, hidden=4, expert_kind="conv1d"), ["'conv1d'"]),  # 'conv': conv_experts.py
     (lambda: MoEConfig(dim=4, hidden=4, capacity_factor=0), ["capacity_factor", "got 0"]),
     (lambda: MoEConfig(dim=4, hidden=4, capacity_factor=-1), ["capacity_factor", "got -1"]),
     (lambda: MoEConfig(dim=4, hidden=4, eval_capacity_factor=0.0), ["eval_capacity_factor", "got 0.0"]),
