@@ -187,6 +187,9 @@ def test_tsv_line_without_exactly_one_tab(tmp_path, bad_line, tabs):
     path = write(tmp_path / "pairs.tsv", ["a\tb", "c\td", bad_line, "e\tf"])
     with pytest.raises(ValueError, match=rf"pairs\.tsv, line 3: expected source<TAB>target .*found {tabs} tabs"):
         load_parallel(path)
+    if tabs == 0:
+        with pytest.raises(ValueError, match="for two line-aligned files give data.path='SRC,TGT'"):
+            load_parallel(path)
 
 
 def test_bad_arguments(tmp_path):

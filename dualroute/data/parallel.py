@@ -99,8 +99,9 @@ def _read_tsv(path: Path) -> tuple[list[Pair], int]:
             continue
         parts = line.split("\t")
         if len(parts) != 2:
+            hint = "; for two line-aligned files give data.path='SRC,TGT'" if len(parts) == 1 else ""
             raise ValueError(f"{path}, line {number}: expected source<TAB>target (exactly one tab), found "
-                             f"{len(parts) - 1} tabs in {line[:60]!r}")
+                             f"{len(parts) - 1} tabs in {line[:60]!r}{hint}")
         pairs.append((parts[0].strip(), parts[1].strip()))
     return _drop_empty(pairs)
 
