@@ -7,8 +7,9 @@ W = EP x DP gloo ranks train on the same global batch as one process (each on it
   global batch (all six on) and every parameter gradient after DDP (two micro-batches, the first
   under ``no_sync``) and after the hand-written all-reduce; DDP's buckets hold no expert shard and
   are reduced in the last micro-batch's backward only;
-* the trainer: DP 2 with a Switch loss and gradient accumulation (2 ranks); EP 2 x DP 2 and EP 4
-  (4 ranks, slow); losses, aux losses, grad norms and final weights and Adam moments;
+* the trainer: DP 2 with a Switch loss and gradient accumulation (2 ranks), a dense model on DP 2;
+  EP 2 x DP 2 and EP 4 (4 ranks, slow); losses, aux losses, grad norms and final weights and Adam
+  moments;
 * checkpoints resume across layouts: 1 -> DP 2, 1 -> EP 2 x DP 2, EP 2 x DP 2 -> 1;
 * two ``torchrun --nnodes 2`` launchers on this machine (slow).
 
@@ -103,6 +104,12 @@ def layer_scenarios(rank: int, world: int, out: str) -> None:
                  for n, p in layer.named_parameters()}
         results[sync] = dict(y=ys, losses=losses, grads=grads, buckets=buckets,
                              replicated=sum(p.numel() for p in replicated_parameters(layer)))
+    try:
+        apply_expert_parallel(make_layer(dim=D, num_experts=4, experts_per_token=1, routing_mode="expert_choice"),
+                              mesh.ep_group)
+        results["expert_choice"] = "no error"
+    except ValueError as e:
+        results["expert_choice"] = str(e)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     mesh.destroy()
 
@@ -154,6 +161,12 @@ def test_ddp_buckets_hold_no_expert_and_wait_for_the_last_micro_batch(layer_worl
         assert sum(n for _, n in buckets) == out["ddp"]["replicated"]  # the replicated parameters, nothing else
 
 
+@pytest.mark.slow
+def test_expert_parallelism_refuses_expert_choice(layer_world):
+    for out in layer_world:  # its sharded forward is token choice's: it used to ignore routing_mode
+        assert "token-choice routing only, got routing_mode='expert_choice'" in out["expert_choice"]
+
+
 def test_global_balance_losses_of_one_rank_are_the_local_ones():
     layer = balanced_layer()
     x = torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -191,8 +204,10 @@ STRAIGHT = ["train.steps=6", "train.eval_every=3"]
 RESUMED = ["train.steps=4", "train.save_every=2", "train.eval_every=3"]
 
 
-def tiny(out: Path, *extra: str) -> RunConfig:
-    return override(get_preset("lm-dual"), [*TINY, *BALANCED, f"train.out_dir={out}", *extra])
+def tiny(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
+    words = [*TINY, *BALANCED] if preset != "lm-dense" else \
+        [w for w in [*TINY, *BALANCED] if not w.startswith("model.moe.")]  # the dense twin: no MoE section
+    return override(get_preset(preset), [*words, f"train.out_dir={out}", *extra])
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -220,6 +235,7 @@ def two_ranks(rank: int, world: int, tmp: str) -> None:
     tmp = Path(tmp)
     train(tiny(tmp / "dp2", *STRAIGHT), progress=False, expert_parallel=1, data_parallel=2)
     train(tiny(tmp / "one_to_dp2", *RESUMED), resume=True, progress=False, data_parallel=2)
+    train(tiny(tmp / "dense_dp2", *STRAIGHT, preset="lm-dense"), progress=False, data_parallel=2)
 
 
 def four_ranks(rank: int, world: int, tmp: str) -> None:
@@ -235,6 +251,7 @@ def one_process(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("one")
     train(tiny(tmp / "straight", *STRAIGHT), progress=False)
     train(tiny(tmp / "straight4", *RESUMED), progress=False)
+    train(tiny(tmp / "dense", *STRAIGHT, preset="lm-dense"), progress=False)
     return tmp
 
 
@@ -281,6 +298,15 @@ def test_dp2_with_switch_loss_and_grad_accum_equals_one_process(world2, one_proc
     assert sorted(os.listdir(world2 / "dp2")) == sorted(os.listdir(one_process / "straight"))
     assert all(r["aux_loss"] > 0 for r in records(one_process / "straight").values())  # the losses are on
     assert_same_run(world2 / "dp2", one_process / "straight", 6, "DP2 (switch + group switch, grad_accum 2)")
+
+
+def test_dense_model_trains_with_data_parallelism_alone(world2, one_process):
+    got, want = records(world2 / "dense_dp2"), records(one_process / "dense")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert [got[s]["loss"] for s in got] == pytest.approx([want[s]["loss"] for s in want], abs=1e-5)
+    a, b = (ckpt.load_checkpoint(d / "ckpt-00000006").model_state for d in (world2 / "dense_dp2", one_process / "dense"))
+    for key, value in b.items():
+        torch.testing.assert_close(a[key], value, atol=1e-5, rtol=1e-4)
 
 
 def test_resume_one_process_on_dp2(world2, one_process):

@@ -83,6 +83,9 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None, *
     for layer in layers:
         if isinstance(layer, ExpertParallelMoELayer):
             raise ValueError("apply_expert_parallel was already applied to this model")
+        if layer.cfg.routing_mode != "token_choice":  # the sharded forward is token choice's
+            raise ValueError(f"expert parallelism supports token-choice routing only, got "
+                             f"routing_mode={layer.cfg.routing_mode!r}")
         Placement.of(layer.cfg, world)  # validates E % W
     signature = [(layer.cfg, str(layer.experts.first_weight().dtype)) for layer in layers]
     check_same_on_all_ranks("the MoE layers' configs", signature, group)

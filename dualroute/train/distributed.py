@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualroute.layer import MoEAux
+from dualroute.layer import MoEAux, MoELayer
 from dualroute.parallel import (ParallelLayout, apply_expert_parallel, clip_grad_norm_, data_parallel_grads,
                                 gather_expert_state, gather_optimizer_state, init_distributed, init_mesh,
                                 load_full_optimizer_state, load_full_state_dict, reduce_expert_grads,
@@ -141,9 +141,11 @@ class ExpertParallel(SingleProcess):
                              f"over world={self.world} ranks")
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """Keep this rank's experts, balance losses of the global batch, DDP for the replicated parameters."""
-        apply_expert_parallel(model, self.mesh.ep_group, world_size=self.layout.expert_parallel)
-        use_global_balance_losses(model, self.mesh.balance_group)
+        """Keep this rank's experts, balance losses of the global batch, DDP for the replicated parameters.
+        A model without MoE layers (a dense twin) trains with data parallelism alone (EP = 1)."""
+        if self.layout.expert_parallel > 1 or any(isinstance(m, MoELayer) for m in model.modules()):
+            apply_expert_parallel(model, self.mesh.ep_group, world_size=self.layout.expert_parallel)
+            use_global_balance_losses(model, self.mesh.balance_group)
         if self.grad_sync == "ddp":
             self.ddp = replicate_with_ddp(model, self.mesh.grad_group)
         return model
