@@ -90,6 +90,8 @@ def _header(an: Analysis) -> str:
         router += ", correction bias"
     n_seq = int((a.positions_T == 0).sum())
     per = "tokens" if a.is_lm else "tokens (class token + patches)"
+    if _one_token_per_image(a):
+        per = "token (the pooled feature map: one routing decision per image)"
     return "\n".join([
         "# Routing report",
         "",
@@ -175,6 +177,13 @@ def _specialisation(an: Analysis, figs: dict[str, str]) -> str:
                   "the token).", "",
                   f"![P(expert | token) for the most frequent tokens]({figs['specialisation']})", "",
                   _top_tokens(an), "", _examples(an)]
+    elif _one_token_per_image(a):
+        lines += ["", "Each image is one token (its pooled features, e.g. a CNN's conv MoE blocks), so the class "
+                  "token columns repeat the others. Where each class goes: P(expert | class), the share of its "
+                  f"routed rows that each expert takes (at most 1/K = {100 / K:.0f}%; {100 / E:.1f}% each if routing "
+                  "ignored the class); then P(group | class) over (image, kept group) pairs.", "",
+                  f"![P(expert | class)]({figs['specialisation']})", "",
+                  f"![P(group | class)]({figs['groups']})"]
     else:
         lines += ["", "Every token of an image (class token and patches) carries the image's class. Where each "
                   "class goes: P(expert | class), the share of its routed rows that each expert takes (at most "
@@ -183,6 +192,11 @@ def _specialisation(an: Analysis, figs: dict[str, str]) -> str:
                   f"![P(expert | class)]({figs['specialisation']})", "",
                   f"![P(group | class)]({figs['groups']})"]
     return "\n".join(lines)
+
+
+def _one_token_per_image(a) -> bool:
+    """An image model routing each image once (positions all 0), not its patches."""
+    return not a.is_lm and bool((a.positions_T == 0).all())
 
 
 def _top_tokens(an: Analysis) -> str:

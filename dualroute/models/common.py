@@ -72,7 +72,12 @@ def flops_per_token(model: nn.Module, seq_len: int | None = None) -> int:
     out. Attention adds ``QK^T`` and ``AV``, ``2 * 2 * seq_len * D`` per layer, over the full
     ``seq_len`` window even for a causal model, as PaLM counts it (the causal mask would halve it).
     ``seq_len`` defaults to ``model.context_len`` (the LM's max_seq_len, the ViT's token count).
+    A model whose FLOPs this rule cannot see (a CNN: a conv's weights act at every pixel) counts its own,
+    per example, in a ``flops_per_example()`` method, which is returned instead.
     """
+    own = getattr(model, "flops_per_example", None)
+    if callable(own):
+        return int(own())
     if seq_len is None:
         seq_len = getattr(model, "context_len", None)
         if seq_len is None:
