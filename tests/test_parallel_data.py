@@ -82,6 +82,7 @@ def test_two_files_form(tmp_path):
     splits = load_parallel(f"{src},{tgt}", val_fraction=0.25)
     assert sorted(splits.train + splits.val) == sorted(zip(EN, DE))
     assert splits.test is None and str(src) in splits.description
+    assert load_parallel(f"{src}, {tgt}", val_fraction=0.25) == splits  # a space after the comma
 
 
 @pytest.mark.parametrize("gz", [False, True])

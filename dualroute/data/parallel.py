@@ -164,7 +164,7 @@ def load_parallel(path: str | Path, src_lang: str = "en", tgt_lang: str = "de", 
         raise ValueError(f"data.path must name a folder, two files 'SRC,TGT' or a .tsv file, got {path!r}")
     if src_lang == tgt_lang:
         raise ValueError(f"src_lang and tgt_lang must differ, got {src_lang!r} twice")
-    p = Path(path)
+    p = Path(path).expanduser()
     test: list[Pair] | None = None
     test_name = ""
     skipped = 0
@@ -189,10 +189,10 @@ def load_parallel(path: str | Path, src_lang: str = "en", tgt_lang: str = "de", 
                 break
         source = str(p)
     elif "," in str(path) and not p.exists():
-        parts = str(path).split(",")
+        parts = [part.strip() for part in str(path).split(",")]
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"data.path {str(path)!r}: expected two files 'SRC,TGT' separated by one comma")
-        train, skipped = _zip_files(Path(parts[0]), Path(parts[1]))
+        train, skipped = _zip_files(Path(parts[0]).expanduser(), Path(parts[1]).expanduser())
         train, val = split_off(train, val_fraction, seed)
         source = f"{parts[0]} and {parts[1]}"
     elif p.is_file():
