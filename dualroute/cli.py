@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation metrics of a checkpoint", allow_abbrev=False)
     p.add_argument("path", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", default=None, help="folder for the task's figures (a classifier's confusion.png); "
+                   "default: the run directory")
 
     p = sub.add_parser("generate", help="sample text from a language-model checkpoint (or, with --hf PATH, "
                        "a Hugging Face MoE folder: dualroute generate --hf PATH --help)", allow_abbrev=False,
@@ -232,6 +234,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"{key} {value:.4f}")
     for layer in expert_report(result.expert_counts, result.router_entropy):
         print(f"moe_layer{layer['layer']}_maxvio {layer['maxvio']:.4f}")
+    for path in task.write_eval_artifacts(model, result, device, Path(args.out or Path(ckpt.path).parent)):
+        print(f"wrote {path}")
     return 0
 
 
