@@ -64,7 +64,7 @@ def test_folder_without_val_splits_it_off_train_deterministically(tmp_path):
     assert len(a.val) == 2 and len(a.train) == 6
     assert sorted(a.train + a.val) == sorted(zip(EN, DE))
     assert a.train == [p for p in zip(EN, DE) if p not in a.val]  # file order kept
-    assert load_parallel(tmp_path, val_fraction=0.25, seed=1).val != a.val or len(EN) < 4
+    assert load_parallel(tmp_path, val_fraction=0.25, seed=1).val != a.val  # the seed moves the split
 
 
 def test_reversed_direction_reads_the_other_files(tmp_path):
