@@ -1,4 +1,4 @@
-"""The ``dualroute`` console script: train, eval, generate, compare, convert, inspect, bench.
+"""The ``dualroute`` console script: train, eval, generate, compare, convert, inspect, bench, translate.
 
 Config overrides are dotted ``key=value`` words (``train.steps=200``, ``--model.moe.num_experts=16``,
 ``--data.path corpus.txt``) anywhere on the command line. Expected failures (unknown preset or key, a
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect", help="routing figures and report of a checkpoint (dualroute inspect --help)",
                    add_help=False)
+    sub.add_parser("translate", help="translate text with a translation or G2P checkpoint (dualroute translate "
+                   "--help)", add_help=False)
     return parser
 
 
@@ -124,6 +126,7 @@ _DELEGATED = {
     "bench": "dualroute.bench:main",
     "convert": "dualroute.interop.cli_hooks:convert_main",
     "inspect": "dualroute.inspect.cli_hook:inspect_main",
+    "translate": "dualroute.cli_translate:translate_main",
 }
 
 
@@ -232,6 +235,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"checkpoint {ckpt.path} (step {ckpt.extra.get('step')})")
     for key, value in result.metrics.items():
         print(f"{key} {value:.4f}")
+    for line in getattr(result, "notes", ()):  # e.g. sacrebleu's signatures
+        print(line)
     for layer in expert_report(result.expert_counts, result.router_entropy):
         print(f"moe_layer{layer['layer']}_maxvio {layer['maxvio']:.4f}")
     for path in task.write_eval_artifacts(model, result, device, Path(args.out or Path(ckpt.path).parent)):
