@@ -18,6 +18,7 @@ The parity tests print the largest differences they measured (``pytest -s``).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -369,3 +370,31 @@ def test_two_torchrun_launchers_equal_one_process(tmp_path, one_process):
         assert node.returncode == 0, stderr[-3000:]
     assert results[0][0].count(f"run {out}: 6 steps") == 1 and f"run {out}" not in results[1][0]  # rank 0 prints
     assert_same_run(out, one_process / "straight", 6, "two torchrun launchers, EP2xDP2")
+
+
+# ------------------------------------------------------------------------------------- bench ep
+
+
+def test_bench_ep_times_ddp_on_these_layouts():
+    from dualroute.bench.ep import sync_layouts
+
+    assert sync_layouts(1, 16) == []
+    assert sync_layouts(2, 16) == [ParallelLayout(2, 1)]
+    assert sync_layouts(4, 16) == [ParallelLayout(4, 1), ParallelLayout(2, 2)]
+    assert sync_layouts(4, 6) == [ParallelLayout(2, 2)]  # EP 4 does not split 6 experts
+    assert sync_layouts(3, 4) == []
+
+
+@pytest.mark.slow
+def test_bench_ep_prints_ddp_against_the_hand_written_all_reduce(tmp_path, capsys):
+    from dualroute.bench.ep import main as bench_ep
+
+    path = tmp_path / "ep.json"
+    assert bench_ep(["--worlds", "4", "--tokens", "64", "--dim", "16", "--hidden", "16", "--steps", "1",
+                     "--warmup", "0", "--seq-len", "16", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| W | layout | manual ms | ddp ms | ddp / manual |" in text
+    assert "| 4 | EP 4 x DP 1 |" in text and "| 4 | EP 2 x DP 2 |" in text
+    sync = json.loads(path.read_text())["sync"]
+    assert [(r["expert_parallel"], r["data_parallel"]) for r in sync] == [(4, 1), (2, 2)]
+    assert all(r["manual_ms"] > 0 and r["ddp_ms"] > 0 and r["ratio"] == r["ddp_ms"] / r["manual_ms"] for r in sync)
