@@ -13,7 +13,9 @@ W = EP x DP gloo ranks train on the same global batch as one process (each on it
 * checkpoints resume across layouts: 1 -> DP 2, 1 -> EP 2 x DP 2, EP 2 x DP 2 -> 1;
 * two ``torchrun --nnodes 2`` launchers on this machine (slow).
 
-The parity tests print the largest differences they measured (``pytest -s``).
+The parity tests print the largest differences they measured (``pytest -s``). Every world here is
+slow on two busy cores; the quick suite's DDP coverage is tests/test_train_parallel.py (EP 2, which
+now runs its replicated parameters under DDP too) and the checks below that start no process.
 """
 
 from __future__ import annotations
@@ -295,12 +297,14 @@ def assert_same_run(got_dir: Path, want_dir: Path, step: int, what: str) -> None
           f"aux loss {aux_diff:.1e}, weights {weight_diff:.1e}")
 
 
+@pytest.mark.slow
 def test_dp2_with_switch_loss_and_grad_accum_equals_one_process(world2, one_process):
     assert sorted(os.listdir(world2 / "dp2")) == sorted(os.listdir(one_process / "straight"))
     assert all(r["aux_loss"] > 0 for r in records(one_process / "straight").values())  # the losses are on
     assert_same_run(world2 / "dp2", one_process / "straight", 6, "DP2 (switch + group switch, grad_accum 2)")
 
 
+@pytest.mark.slow
 def test_dense_model_trains_with_data_parallelism_alone(world2, one_process):
     got, want = records(world2 / "dense_dp2"), records(one_process / "dense")
     assert sorted(got) == sorted(want) == list(range(1, 7))
@@ -310,6 +314,7 @@ def test_dense_model_trains_with_data_parallelism_alone(world2, one_process):
         torch.testing.assert_close(a[key], value, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_one_process_on_dp2(world2, one_process):
     assert_same_run(world2 / "one_to_dp2", one_process / "straight4", 4, "1 -> DP2 resume")
 
