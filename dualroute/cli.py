@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
                    "from the compare.json of an earlier compare in --out")
 
-    sub.add_parser("bench", help="benchmarks: layer, lm, generate, balance, hf, ep (dualroute bench layer --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: layer, lm, generate, balance, hf, ep, mt (dualroute bench layer --help)", add_help=False)
     sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute; a trained LM -> transformers "
                    "(dualroute convert --help)",
                    add_help=False)

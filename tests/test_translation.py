@@ -200,3 +200,11 @@ def test_multi30k_trains_and_translates_from_the_cli(tmp_path, capsys):
     assert main(["translate", str(out), "--text", "A dog runs on the grass."]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
 
+
+
+def test_bench_mt_times_the_presets_against_the_dense_twin(capsys):
+    assert main(["bench", "mt", "--repeats", "1", "--batch", "2", "--vocab", "300", "--src-len", "4", "--tgt-len", "5",
+                 "model.dim=32", "model.n_heads=2", "model.moe.hidden=16"]) == 0
+    out = capsys.readouterr().out
+    assert "mt-dense" in out and "mt-dual" in out and "step time / mt-dense" in out
+    assert main(["bench", "mt", "--presets", "lm-dual"]) == 2

@@ -9,6 +9,7 @@
     hf.py        dualroute bench hf: transformers' Mixtral MoE block vs dualroute's, same weights
                  (needs transformers)
     ep.py        dualroute bench ep: bytes sent and step time of expert parallelism, flat vs dual-layer
+    mt.py        dualroute bench mt: the encoder-decoder presets' training step vs their dense twin
 
 ``common.py`` holds what they share (device/dtype arguments, round-robin timing). A sub-command's module
 is imported only when it runs, so importing this package does not import transformers (an optional
@@ -20,7 +21,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("layer", "lm", "generate", "balance", "hf", "ep")  # each a module here with main(argv) -> int
+BENCHES = ("layer", "lm", "generate", "balance", "hf", "ep", "mt")  # each a module here with main(argv) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
