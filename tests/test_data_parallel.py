@@ -170,6 +170,22 @@ def test_expert_parallelism_refuses_expert_choice(layer_world):
         assert "token-choice routing only, got routing_mode='expert_choice'" in out["expert_choice"]
 
 
+def test_layers_that_route_their_own_way_are_not_sharded():
+    from dualroute.layer import MoELayer
+    from dualroute.parallel.expert_parallel import unshardable
+
+    class OwnRouting(MoELayer):  # as ConvMoELayer: images, not (T, D) tokens
+        def route_and_compute(self, x, routing, mask=None):
+            return super().route_and_compute(x, routing, mask)
+
+    assert unshardable(balanced_layer()) is None
+    layer = balanced_layer()
+    layer.__class__ = OwnRouting
+    assert "OwnRouting overrides route_and_compute" in unshardable(layer)
+    expert_choice = make_layer(dim=D, num_experts=4, experts_per_token=1, routing_mode="expert_choice")
+    assert "routing_mode='expert_choice'" in unshardable(expert_choice)
+
+
 def test_global_balance_losses_of_one_rank_are_the_local_ones():
     layer = balanced_layer()
     x = torch.randn(T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -83,9 +83,9 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None, *
     for layer in layers:
         if isinstance(layer, ExpertParallelMoELayer):
             raise ValueError("apply_expert_parallel was already applied to this model")
-        if layer.cfg.routing_mode != "token_choice":  # the sharded forward is token choice's
-            raise ValueError(f"expert parallelism supports token-choice routing only, got "
-                             f"routing_mode={layer.cfg.routing_mode!r}")
+        why = unshardable(layer)
+        if why is not None:
+            raise ValueError(why)
         Placement.of(layer.cfg, world)  # validates E % W
     signature = [(layer.cfg, str(layer.experts.first_weight().dtype)) for layer in layers]
     check_same_on_all_ranks("the MoE layers' configs", signature, group)
@@ -95,6 +95,17 @@ def apply_expert_parallel(model: nn.Module, group: ProcessGroup | None = None, *
         layer.__class__ = _expert_parallel_class(type(layer))
         layer.ep = shard
     return model
+
+
+def unshardable(layer: MoELayer) -> str | None:
+    """Why ``apply_expert_parallel`` cannot shard ``layer`` (None: it can). The sharded forward is
+    ``MoELayer``'s token-choice routing of (T, D) tokens; a layer that routes its own way is refused."""
+    if layer.cfg.routing_mode != "token_choice":
+        return f"expert parallelism supports token-choice routing only, got routing_mode={layer.cfg.routing_mode!r}"
+    if type(layer).route_and_compute is not MoELayer.route_and_compute:
+        return (f"expert parallelism shards MoELayer's token routing; {type(layer).__name__} overrides "
+                f"route_and_compute (it routes its own inputs), so its experts cannot be sharded")
+    return None
 
 
 def use_global_balance_losses(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:

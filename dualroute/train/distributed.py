@@ -46,6 +46,7 @@ from dualroute.parallel import (ParallelLayout, apply_expert_parallel, clip_grad
                                 load_full_optimizer_state, load_full_state_dict, reduce_expert_grads,
                                 replicate_with_ddp, use_global_balance_losses)
 from dualroute.parallel.comm import check_same_on_all_ranks, collective_device
+from dualroute.parallel.expert_parallel import unshardable
 from dualroute.train.checkpoint import latest_checkpoint
 from dualroute.train.metrics_log import JsonlLogger
 from dualroute.train.optim import match_state_layout
@@ -142,8 +143,11 @@ class ExpertParallel(SingleProcess):
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Keep this rank's experts, balance losses of the global batch, DDP for the replicated parameters.
-        A model without MoE layers (a dense twin) trains with data parallelism alone (EP = 1)."""
-        if self.layout.expert_parallel > 1 or any(isinstance(m, MoELayer) for m in model.modules()):
+        With EP = 1, a model without MoE layers (a dense twin), or whose MoE layers route their own way
+        (``unshardable``: e.g. ConvMoELayer), trains with plain DDP over every parameter; its balance
+        losses are then each rank's own."""
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        if self.layout.expert_parallel > 1 or (layers and all(unshardable(m) is None for m in layers)):
             apply_expert_parallel(model, self.mesh.ep_group, world_size=self.layout.expert_parallel)
             use_global_balance_losses(model, self.mesh.balance_group)
         if self.grad_sync == "ddp":
