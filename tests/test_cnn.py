@@ -120,6 +120,8 @@ def test_presets_keep_the_twin_equal():
         routers = sum(2 * (m.router.gate.weight.numel() + m.router.group_gate.weight.numel())
                       for m in moe_model.modules() if isinstance(m, ConvMoELayer))
         assert moe_model.flops_per_example() - routers == twin.flops_per_example()
+        x = torch.zeros(2, a.channels, a.image_size, a.image_size)  # 8x8x1, 28x28x1, 32x32x3
+        assert moe_model(x).logits.shape == twin(x).logits.shape == (2, 10)
     flat = get_preset("cnn-flat").model.moe
     assert (flat.num_groups, flat.groups_per_token, flat.experts_per_token) == (1, 1, 2)
 
