@@ -185,7 +185,7 @@ def test_g2p_preset_trains_on_a_fresh_machine_and_scores_per_wer(tmp_path, capsy
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "g2p"), "task.eval_split=test"]) == 0
     out = capsys.readouterr().out
-    assert "test_per " in out and "test_wer " in out
+    assert "test_loss " in out and "test_per " in out and "test_wer " in out
 
 
 @pytest.mark.slow

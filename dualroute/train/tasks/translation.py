@@ -6,7 +6,8 @@ A batch is ``x = (src_BS, tgt_in_BT)``, ``y = tgt_out_BT`` with padding as -100 
 batches are length-bucketed and hold at most ``task.max_tokens`` padded tokens (``train.batch_size`` is
 unused). Evaluation: validation loss over the whole split, then ``task.eval_sentences`` sentences decoded
 with beam search and scored: BLEU / chrF with sacrebleu (parallel) or phoneme / word error rates (g2p).
-``task.eval_split=test`` scores the test split instead (``dualroute eval RUN task.eval_split=test``).
+``task.eval_split=test`` scores the test split instead (``dualroute eval RUN task.eval_split=test``; the metrics
+are then named ``test_*``).
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ class TranslationTask(Task):
             for i, (aux, mask_T) in enumerate(zip(out.aux, masks)):
                 counts[i] += aux.tokens_per_expert_E.cpu()
                 entropies[i].append(router_entropy(aux.routing.probs_TE, mask_T))
-        metrics = {"val_loss": loss_sum / max(1, count), "val_ppl": math.exp(min(loss_sum / max(1, count), 700.0))}
+        split, mean = self.run_config.task.eval_split, loss_sum / max(1, count)  # keys: val_* or test_*
+        metrics = {f"{split}_loss": mean, f"{split}_ppl": math.exp(min(mean, 700.0))}
         notes = self._score_decoded(model, device, metrics)
         model.train(was_training)
         return TranslationEval(metrics, counts, [float(np.mean(e)) for e in entropies], notes)
