@@ -242,3 +242,26 @@ def _read(folder: Path) -> SpeechSet:
         raise ValueError(f"the speech cache {folder} is damaged ({e}); delete the folder to rebuild it") from None
     return SpeechSet(arrays["audio"], arrays["labels"], arrays["voice_ids"], arrays["split_ids"],
                      tuple(meta["classes"]), tuple(meta["voices"]), int(meta["sample_rate"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dualroute.data.speech_synth [CACHE_ROOT]``: build (or read) the default set, print its size
+    and the seconds taken."""
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        print("usage: python -m dualroute.data.speech_synth [CACHE_ROOT]", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    data = load_or_build(SynthConfig(), Path(args[0]) if args else None)
+    seconds = time.perf_counter() - start
+    n_val = int(data.split_ids_N.sum())
+    print(f"{len(data.labels_N)} clips of {data.audio_NL.shape[1]} samples at {data.sample_rate} Hz, "
+          f"{len(data.classes)} words, {len(data.speakers)} voices; {len(data.labels_N) - n_val} training, "
+          f"{n_val} validation clips; {data.audio_NL.nbytes / 1e6:.0f} MB; {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
