@@ -315,6 +315,8 @@ def test_the_speech_task_trains_saves_and_evaluates_with_a_confusion_matrix(tmp_
     assert counts.shape == (2, 2) and counts.sum() == len(task.val_y) == 8  # 1 voice x 2 words x 4 renditions
     result = task.evaluate(model, torch.device("cpu"))
     assert result.metrics["val_acc"] == pytest.approx(np.trace(counts) / counts.sum())
+    with pytest.raises(ValueError, match="trained on the words \\['yes', 'no'\\], the data has \\['no', 'yes'\\]"):
+        load_run(tmp_path / "run", lambda c: override(c, ["task.words=no,yes"]))
 
 
 def _flat_overrides(cfg) -> list[tuple[str, str]]:

@@ -146,6 +146,19 @@ class SpeechTask(Task):
         self.classes = data.classes
         super().__init__(cfg)
 
+    @classmethod
+    def from_saved(cls, cfg: RunConfig, saved: dict) -> "SpeechTask":
+        """The task, checking that the data's words are the ones the checkpoint was trained on, in order."""
+        task = cls(cfg)
+        trained = saved.get("speech_classes")
+        if trained is not None and tuple(trained) != task.classes:
+            raise ValueError(f"the checkpoint was trained on the words {list(trained)}, the data has "
+                             f"{list(task.classes)}")
+        return task
+
+    def state_extra(self) -> dict:
+        return {"speech_classes": list(self.classes)}
+
     def train_batch(self, generator: torch.Generator) -> Batch:
         idx_B = torch.randint(0, len(self.train_y), (self.run_config.train.batch_size,), generator=generator)
         return spec_augment(self.train_x[idx_B], self.run_config.task.masks, generator), self.train_y[idx_B]
