@@ -218,7 +218,7 @@ def test_a_tiny_model_overfits_a_few_pairs():
     tgt_out = torch.nn.utils.rnn.pad_sequence([torch.tensor([*t, EOS]) for t in targets], batch_first=True,
                                               padding_value=-100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
+    for _ in range(80):
         out = model(src_BS, tgt_in)
         loss = F.cross_entropy(out.logits.reshape(-1, 24), tgt_out.reshape(-1)) + sum(a.loss for a in out.aux)
         opt.zero_grad()
