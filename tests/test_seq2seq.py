@@ -199,7 +199,8 @@ def test_a_wide_beam_finds_the_exhaustive_best(length_penalty):
 
     def score(b: int, ids: list[int]) -> float:
         logp = F.log_softmax(model(src_BS[b : b + 1], torch.tensor([[BOS, *ids]])).logits[0], -1)
-        return float(logp[torch.arange(len(ids) + 1), torch.tensor([*ids, EOS])].sum()) / (len(ids) + 1) ** length_penalty
+        total = float(logp[torch.arange(len(ids) + 1), torch.tensor([*ids, EOS])].sum())
+        return total / (len(ids) + 1) ** length_penalty
 
     beams = model.beam_search(src_BS, beam_size=16, length_penalty=length_penalty, max_len_a=0.0, max_len_b=3)
     with torch.no_grad():

@@ -138,8 +138,9 @@ class DecoderBlock(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: torch.Tensor, rope: Rope, mask_BT: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
-                src_mask_BS: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x_BTD: torch.Tensor, rope: Rope, mask_BT: torch.Tensor,
+                cross_kv: tuple[torch.Tensor, torch.Tensor], src_mask_BS: torch.Tensor,
+                cache: KVCache | None) -> tuple[torch.Tensor, MoEAux | None]:
         x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache))
         x_BTD = x_BTD + self.drop(self.cross(self.cross_norm(x_BTD), cross_kv, src_mask_BS))
         h_BTD, aux = _ffn(self.ffn, self.ffn_norm(x_BTD), mask_BT)
