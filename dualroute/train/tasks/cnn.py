@@ -8,6 +8,7 @@ on local MNIST / CIFAR-10 files (``--data.path=<folder>``). Each image is routed
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from dualroute.models.cnn import CNNClassifier, CNNConfig, dense_twin
@@ -24,7 +25,8 @@ register_model(ModelType("cnn", CNNConfig, CNNClassifier, task="image"))
 _CNN = dict(widths=(32, 64), depths=(1, 2), moe_blocks=(1, 2))
 _CNN_F = 32
 _CNN_TRAIN = TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup_steps=20, eval_every=50, eval_batches=8,
-                         log_every=10, save_every=200, threads=1)
+                         log_every=10, save_every=200, threads=1)  # tiny 4x4 maps: one thread was faster
+_FILES_TRAIN = dataclasses.replace(_CNN_TRAIN, threads=None)  # larger maps: torch's default threads
 
 
 def _cnn(groups: int, groups_per_token: int, **size: Any) -> CNNConfig:
@@ -46,6 +48,6 @@ register_preset("cnn-flat", lambda: _digits("cnn-flat", _cnn(1, 1)))
 register_preset("cnn-dense", lambda: _digits("cnn-dense", dense_twin(_cnn(4, 2))))
 for _name, _data, _size in (("mnist", "mnist", _MNIST), ("cifar10", "cifar10", _CIFAR)):
     register_preset(f"cnn-{_name}-dual", lambda n=_name, d=_data, s=_size: named_run(
-        f"cnn-{n}-dual", _cnn(4, 2, **s), DataConfig(kind=d), _CNN_TRAIN))
+        f"cnn-{n}-dual", _cnn(4, 2, **s), DataConfig(kind=d), _FILES_TRAIN))
     register_preset(f"cnn-{_name}-dense", lambda n=_name, d=_data, s=_size: named_run(
-        f"cnn-{n}-dense", dense_twin(_cnn(4, 2, **s)), DataConfig(kind=d), _CNN_TRAIN))
+        f"cnn-{n}-dense", dense_twin(_cnn(4, 2, **s)), DataConfig(kind=d), _FILES_TRAIN))
