@@ -22,7 +22,7 @@ from dualroute.dispatch import expert_capacity
 from dualroute.inspect import (analyse_checkpoint, contingency, coselection, inspect_checkpoint, layer_stats,
                                mutual_information, routing_history, stability, top1)
 from dualroute.inspect.cli_hook import inspect_main
-from dualroute.inspect.collect import gather
+from dualroute.inspect.collect import gather, spread
 from dualroute.layer import MoEConfig, MoELayer
 from dualroute.losses import router_entropy
 from dualroute.models import ModelOutput
@@ -354,3 +354,96 @@ def test_data_labels_name_the_stdlib_corpus():
 
     assert "standard library" in _data_label(override(get_preset("lm-dual"), ["data.kind=stdlib"]), None)
     assert _data_label(get_preset("lm-dual"), None) == "the embedded corpus"
+
+
+# ------------------------------------------------------------------ encoder-decoder (translation) runs
+
+TINY_MT = ["model.dim=32", "model.n_encoder_layers=1", "model.n_decoder_layers=2", "model.n_heads=2",
+           "model.max_seq_len=24", "model.ffn_hidden=32", "model.moe.hidden=16", "model.dropout=0.0",
+           "data.bpe_vocab_size=300", "task.max_tokens=200", "task.eval_sentences=0", "train.warmup_steps=1",
+           "train.eval_every=0", "train.log_every=1", "train.steps=2"]
+ENGLISH = ["the", "a", "dog", "cat", "runs", "sleeps", "red", "big"]
+GERMAN = {"the": "der", "a": "ein", "dog": "hund", "cat": "katze", "runs": "rennt", "sleeps": "schläft",
+          "red": "roter", "big": "großer"}
+
+
+def write_pairs(path: Path, n: int = 60) -> Path:
+    """Word-for-word toy 'translations' of 2-6 words, one TSV line each: sources and targets of many lengths."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(n):
+        words = [ENGLISH[i] for i in rng.integers(0, len(ENGLISH), rng.integers(2, 7))]
+        lines.append(" ".join(words) + "\t" + " ".join(GERMAN[w] for w in words))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mt_run(tmp_path_factory, one_thread) -> Path:
+    """A tiny mt-dual run with one vocabulary per side: 1 encoder and 2 decoder MoE layers."""
+    from dualroute.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("mt")
+    corpus = write_pairs(root / "pairs.tsv")
+    args = ["train", "mt-dual", "--out", str(root / "run"), "--quiet", f"data.path={corpus}", *TINY_MT,
+            "task.shared_vocab=false"]
+    assert cli_main(args) == 0
+    return root / "run"
+
+
+def test_translation_run_is_inspected_per_stream_without_padding(mt_run, tmp_path):
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert inspect_main([str(mt_run), "--out", str(out)]) == 0
+    figs = ["load.png", "group_expert_usage.png", "coselection.png", "token_expert_source.png",
+            "token_expert_target.png", "training.png"]
+    assert sorted(links(out / "report.md")) == sorted(figs)
+    for name in figs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+    an = analyse_checkpoint(mt_run)
+    a = an.inspected
+    task = a.task
+    assert not task.tokenizer.shared and [r.name for r in a.rows] == ["enc 0", "dec 0", "dec 1"]
+    pad, bos, K = task.tokenizer.pad_id, task.tokenizer.bos_id, a.moe.experts_per_token
+    batches = list(task.eval_batches())
+    assert len(batches) <= 8  # all of them are inspected (--batches 8)
+    assert any((x[0] == pad).any() for x, _ in batches) and any((x[1] == pad).any() for x, _ in batches)
+    src_ids = np.concatenate([x[0][x[0] != pad].numpy() for x, _ in batches])
+    tgt_ids = np.concatenate([x[1][x[1] != pad].numpy() for x, _ in batches])
+    for layer, ids in zip(range(3), (src_ids, tgt_ids, tgt_ids)):
+        s, r = an.layers[layer], a.rows[layer]
+        assert s.num_tokens == len(ids) == len(r.labels_T) == len(a.layers[layer].entropy_T)
+        assert int(s.tokens_per_expert_E.sum()) == K * len(ids)  # the layer's own count: padding masked there too
+        assert np.array_equal(np.sort(r.labels_T), np.sort(ids))
+        assert int((r.positions_T == 0).sum()) == sum(len(y) for _, y in batches)  # one start per sentence
+    assert a.rows[0].stream == "source" and {r.stream for r in a.rows[1:]} == {"target"}
+    assert (a.rows[1].labels_T[a.rows[1].positions_T == 0] == bos).all()  # the target prefix starts at bos
+
+    text = (out / "report.md").read_text(encoding="utf-8")
+    for i, name in enumerate(["enc 0", "dec 0", "dec 1"]):
+        assert f"| {name} | {an.layers[i].num_tokens:,} | {an.layers[i].maxvio:.3f} |" in text
+    source_part = text.split("Layer enc 0 (source tokens):")[1].split("Layer dec 0")[0]
+    target_part = text.split("Layer dec 0 (target tokens):")[1].split("Layer dec 1")[0]
+    specials = {"<s>", "</s>", "<unk>"}
+    source_tokens, target_tokens = (set(re.findall(r"`([^`|]+)` \d", part)) for part in (source_part, target_part))
+    assert source_tokens & set(ENGLISH) and source_tokens <= set(ENGLISH) | specials  # each side decoded with
+    assert target_tokens & set(GERMAN.values()) and target_tokens <= set(GERMAN.values()) | specials  # its own
+    printed = stdout.getvalue()
+    assert f"{len(src_ids):,} source + {len(tgt_ids):,} target tokens" in printed and "  dec 1: maxvio" in printed
+
+
+def test_translation_run_compared_with_itself_on_data_given_by_path(mt_run, tmp_path):
+    pairs = write_pairs(tmp_path / "other.tsv", n=30)
+    argv = [str(mt_run), "--data", str(pairs), "--compare", str(mt_run), "--out", str(tmp_path / "out")]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert inspect_main(argv) == 0
+    assert stdout.getvalue().count("top-1 changed 0.0%") == 3
+    text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert f"Data: {pairs}, validation split; source stream (layers enc 0)" in text
+    assert re.search(r"\| dec 1 \| [\d,]+ \| 0\.0% \| 0\.0% \| 0\.0% \|", text)
+
+
+def test_spread_takes_batches_from_first_to_last():
+    assert spread(iter(range(10)), 3) == [0, 4, 9] and spread(range(11), 3) == [0, 5, 10]
+    assert spread(range(3), 8) == [0, 1, 2]  # a text or image task gives exactly what was asked for

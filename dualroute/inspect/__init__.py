@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .analysis import Analysis, Specialisation, analyse
+from .analysis import Analysis, Heatmap, Specialisation, analyse
 from .collect import Inspected, check_comparable, load, open_checkpoint, route
 from .report import check_output, write_report
 from .stats import (LayerRouting, LayerStats, Stability, coselection, contingency, layer_stats, mutual_information,
@@ -46,7 +46,7 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, **option
     return write_report(analyse_checkpoint(path, **options), out)
 
 
-__all__ = ["Analysis", "Inspected", "LayerRouting", "LayerStats", "Specialisation", "Stability", "analyse",
+__all__ = ["Analysis", "Heatmap", "Inspected", "LayerRouting", "LayerStats", "Specialisation", "Stability", "analyse",
            "analyse_checkpoint", "check_comparable", "check_output", "contingency", "coselection",
            "inspect_checkpoint", "layer_stats", "load", "mutual_information", "open_checkpoint", "route",
            "routing_history", "stability", "top1", "write_report"]

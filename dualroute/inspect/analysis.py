@@ -14,7 +14,7 @@ import numpy as np
 from dualroute.train.metrics_log import read_jsonl
 
 from .collect import Inspected
-from .stats import (LayerRouting, LayerStats, Series, Stability, contingency, layer_stats, mutual_information,
+from .stats import (LayerStats, Series, Stability, contingency, layer_stats, mutual_information,
                     routing_history, stability, top1, top_labels)
 
 TOP_TOKENS = 8  # per expert, in the report
@@ -46,13 +46,23 @@ class Specialisation:
         return self.mi_group / self.label_entropy if self.label_entropy else 0.0
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """One figure of P(expert | label) heatmaps: the layers that route one token stream (all layers where
+    there is one stream), the labels shown as rows, and per title one matrix per layer."""
+
+    stream: str  # "" for the only stream; "source" / "target" for an encoder-decoder
+    layers: list[int]  # MoE layer indices, in order
+    labels: list[int]  # label of each row
+    shown: dict[str, list[np.ndarray]]  # title -> per layer (of ``layers``), P(expert | label)
+
+
 @dataclass
 class Analysis:
     inspected: Inspected
     layers: list[LayerStats]
     specialisation: list[Specialisation]
-    shown: dict[str, list[np.ndarray]]  # the specialisation heatmaps: title -> per layer, P(expert | label)
-    shown_labels: list[int]  # label of each row of the heatmaps
+    heatmaps: list[Heatmap]  # the specialisation heatmaps: one per token stream
     top_tokens: list[list[list[tuple[int, int]]]] | None  # text: per layer, per expert, (token id, rows)
     examples: list[list[list[int]]] | None  # text: per layer, per expert, token indices routed there (top-1)
     history: dict[str, Series]  # routing metrics logged during training
@@ -63,18 +73,16 @@ class Analysis:
 
 def analyse(a: Inspected, b: Inspected | None = None) -> Analysis:
     """All statistics of ``a`` (and of how ``b`` routes the same tokens differently)."""
-    special = [specialise(a, r) for r in a.layers]
-    shown_labels, shown = _shown(a, special)
+    special = [specialise(a, i) for i in range(len(a.layers))]
     history, history_path = _history(a.path.parent / "metrics.jsonl")
     return Analysis(
         inspected=a,
         layers=[layer_stats(r) for r in a.layers],
         specialisation=special,
-        shown=shown,
-        shown_labels=shown_labels,
-        top_tokens=[top_labels(s.label_expert_YE, TOP_TOKENS) for s in special] if a.is_lm else None,
+        heatmaps=[_shown(a, special, stream) for stream in a.streams],
+        top_tokens=[top_labels(s.label_expert_YE, TOP_TOKENS) for s in special] if a.token_labels else None,
         examples=[pick_examples(top1(r.expert_ids_TK, r.weights_TK), r.num_experts, EXAMPLES) for r in a.layers]
-        if a.is_lm else None,
+        if a.token_labels else None,
         history=history,
         history_path=history_path,
         other=b,
@@ -93,17 +101,17 @@ def _history(path: Path) -> tuple[dict[str, Series], Path | None]:
         return {}, None
 
 
-def specialise(a: Inspected, r: LayerRouting) -> Specialisation:
-    """Label x expert and label x group tables of one layer, and the mutual information they hold."""
-    Y, labels_T = a.num_labels, a.labels_T
+def specialise(a: Inspected, layer: int) -> Specialisation:
+    """Label x expert and label x group tables of MoE layer ``layer``, and the mutual information they hold."""
+    r, Y, labels_T = a.layers[layer], a.num_labels, a.rows[layer].labels_T
     label_expert_YE = contingency(labels_T, r.expert_ids_TK, Y, r.num_experts)
     mi_expert, h_label = mutual_information(label_expert_YE)
     label_group_YG = contingency(labels_T, r.group_ids_TJ, Y, r.num_groups)
     mi_group, _ = mutual_information(label_group_YG)
     mi_shuffled = _shuffled_mi(labels_T, r.expert_ids_TK, Y, r.num_experts)
     first = first_shuffled = first_YE = None
-    if not a.is_lm:
-        cls_T = a.positions_T == 0
+    if not a.token_labels:
+        cls_T = a.rows[layer].positions_T == 0
         first_YE = contingency(labels_T[cls_T], r.expert_ids_TK[cls_T], Y, r.num_experts)
         first, _ = mutual_information(first_YE)
         first_shuffled = _shuffled_mi(labels_T[cls_T], r.expert_ids_TK[cls_T], Y, r.num_experts)
@@ -117,18 +125,22 @@ def _shuffled_mi(labels_T: np.ndarray, ids_TK: np.ndarray, num_labels: int, num_
     return mutual_information(contingency(shuffled_T, ids_TK, num_labels, num_experts))[0]
 
 
-def _shown(a: Inspected, special: list[Specialisation]) -> tuple[list[int], dict[str, list[np.ndarray]]]:
-    """What the specialisation heatmaps show: P(expert | label), each row summing to 1 over routed rows.
+def _shown(a: Inspected, special: list[Specialisation], stream: str) -> Heatmap:
+    """What the specialisation heatmaps of the layers routing ``stream`` show: P(expert | label), each row
+    summing to 1 over routed rows.
 
-    Images: every class, for all tokens and for the class token alone. Text: the most frequent tokens.
+    Images: every class, for all tokens and for the class token alone. Text: the stream's most frequent tokens.
     """
-    if not a.is_lm:
+    layers = [i for i, r in enumerate(a.rows) if r.stream == stream]
+    mine = [special[i] for i in layers]
+    if not a.token_labels:
         rows = list(range(a.num_labels))
-        return rows, {"P(expert | class) %, all tokens": [_normalise(s.label_expert_YE) for s in special],
-                      "P(expert | class) %, class token": [_normalise(s.label_expert_first_YE) for s in special]}
-    frequency_Y = np.bincount(a.labels_T, minlength=a.num_labels)
+        return Heatmap(stream, layers, rows, {
+            "P(expert | class) %, all tokens": [_normalise(s.label_expert_YE) for s in mine],
+            "P(expert | class) %, class token": [_normalise(s.label_expert_first_YE) for s in mine]})
+    frequency_Y = np.bincount(a.rows[layers[0]].labels_T, minlength=a.num_labels)
     rows = [int(y) for y in np.argsort(-frequency_Y, kind="stable")[:HEATMAP_TOKENS] if frequency_Y[y] > 0]
-    return rows, {"P(expert | token) %": [_normalise(s.label_expert_YE[rows]) for s in special]}
+    return Heatmap(stream, layers, rows, {"P(expert | token) %": [_normalise(s.label_expert_YE[rows]) for s in mine]})
 
 
 def _normalise(counts_YU: np.ndarray) -> np.ndarray:

@@ -50,10 +50,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def summary(an) -> str:
     """A few lines for the terminal: per layer MaxVio, entropy, specialisation and stability."""
     a = an.inspected
-    label = "token" if a.is_lm else "class"
-    lines = [f"checkpoint {a.path} (step {a.checkpoint.extra.get('step')}), {len(a.labels_T):,} tokens"]
+    label = "token" if a.token_labels else "class"
+    tokens = f"{len(a.labels_T):,} tokens"
+    if a.streams != [""]:
+        tokens = " + ".join(f"{len(next(r for r in a.rows if r.stream == st).labels_T):,} {st}" for st in a.streams)
+        tokens += " tokens"
+    lines = [f"checkpoint {a.path} (step {a.checkpoint.extra.get('step')}), {tokens}"]
     for i, (s, sp) in enumerate(zip(an.layers, an.specialisation)):
-        line = (f"  layer {i}: maxvio {s.maxvio:.2f} (groups {s.group_maxvio:.2f})  entropy {s.entropy:.2f}  "
+        line = (f"  {a.layer_title(i)}: maxvio {s.maxvio:.2f} (groups {s.group_maxvio:.2f})  entropy {s.entropy:.2f}  "
                 f"I({label}; expert) {sp.mi_expert:.2f} bits ({100 * sp.mi_expert_norm:.0f}% of H)")
         if an.stability is not None:
             line += f"  top-1 changed {100 * an.stability[i].top1_changed:.1f}%"

@@ -55,54 +55,60 @@ def _names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
 
-def load_bars(layers: list[LayerStats], path: Path) -> Path:
+def _titles(titles: Sequence[str] | None, n: int) -> list[str]:
+    """How each of ``n`` layers is named in titles: ``titles``, or ``layer 0``, ``layer 1``, ..."""
+    return list(titles) if titles is not None else _names("layer ", n)
+
+
+def load_bars(layers: list[LayerStats], path: Path, titles: Sequence[str] | None = None) -> Path:
     """Per layer: share of routed rows per expert (coloured by group) and per group, with MaxVio."""
     fig, axes = _figure(len(layers), 2, 4.2, 2.2)
-    for i, (s, (ax_e, ax_g)) in enumerate(zip(layers, axes)):
+    for i, (s, (ax_e, ax_g)) in zip(_titles(titles, len(layers)), zip(layers, axes)):
         G, M = s.usage_GM.shape
         share_E = s.tokens_per_expert_E / max(s.tokens_per_expert_E.sum(), 1)
         share_G = s.tokens_per_group_G / max(s.tokens_per_group_G.sum(), 1)
         colors = [f"C{e // M}" for e in range(G * M)]
         ax_e.bar(range(G * M), share_E, color=colors)
         ax_e.axhline(1 / (G * M), color="k", lw=0.8, ls="--")
-        ax_e.set_title(f"layer {i}: experts (MaxVio {s.maxvio:.2f})", fontsize=9)
+        ax_e.set_title(f"{i}: experts (MaxVio {s.maxvio:.2f})", fontsize=9)
         ax_e.set_xticks(range(G * M), _names("e", G * M), fontsize=7)
         ax_g.bar(range(G), share_G, color=[f"C{g}" for g in range(G)])
         ax_g.axhline(1 / G, color="k", lw=0.8, ls="--")
-        ax_g.set_title(f"layer {i}: groups (MaxVio {s.group_maxvio:.2f})", fontsize=9)
+        ax_g.set_title(f"{i}: groups (MaxVio {s.group_maxvio:.2f})", fontsize=9)
         ax_g.set_xticks(range(G), _names("g", G), fontsize=7)
         ax_e.set_ylabel("share of rows", fontsize=8)
     return _save(fig, path)
 
 
-def usage_heatmaps(layers: list[LayerStats], path: Path) -> Path:
+def usage_heatmaps(layers: list[LayerStats], path: Path, titles: Sequence[str] | None = None) -> Path:
     """Per layer: the G x M grid of expert loads, in % of routed rows."""
     fig, axes = _figure(1, len(layers), 3.0, 2.4)
-    for i, (s, ax) in enumerate(zip(layers, axes[0])):
+    for i, (s, ax) in zip(_titles(titles, len(layers)), zip(layers, axes[0])):
         G, M = s.usage_GM.shape
-        _heatmap(fig, ax, s.usage_GM / max(s.usage_GM.sum(), 1), f"layer {i}: % of rows", _names("m", M),
+        _heatmap(fig, ax, s.usage_GM / max(s.usage_GM.sum(), 1), f"{i}: % of rows", _names("m", M),
                  _names("g", G))
     return _save(fig, path)
 
 
-def coselection_heatmaps(layers: list[LayerStats], path: Path) -> Path:
+def coselection_heatmaps(layers: list[LayerStats], path: Path, titles: Sequence[str] | None = None) -> Path:
     """Per layer: % of tokens that chose both experts i and j (diagonal left out: it is the load)."""
     fig, axes = _figure(1, len(layers), 3.4, 3.0)
-    for i, (s, ax) in enumerate(zip(layers, axes[0])):
+    for i, (s, ax) in zip(_titles(titles, len(layers)), zip(layers, axes[0])):
         E = len(s.tokens_per_expert_E)
         share_EE = s.coselect_EE / max(s.num_tokens, 1)
         np.fill_diagonal(share_EE, np.nan)
-        _heatmap(fig, ax, share_EE, f"layer {i}: % of tokens with both", _names("e", E), _names("e", E))
+        _heatmap(fig, ax, share_EE, f"{i}: % of tokens with both", _names("e", E), _names("e", E))
     return _save(fig, path)
 
 
-def label_heatmaps(shown: dict[str, list[np.ndarray]], row_names: list[str], ylabel: str, path: Path) -> Path:
+def label_heatmaps(shown: dict[str, list[np.ndarray]], row_names: list[str], ylabel: str, path: Path,
+                   titles: Sequence[str] | None = None) -> Path:
     """One row of label x expert heatmaps per entry of ``shown`` (its title -> one matrix per layer)."""
     L = len(next(iter(shown.values())))
     fig, axes = _figure(len(shown), L, 3.4, max(2.6, 0.17 * len(row_names) + 1.0))
     for row, (title, matrices) in zip(axes, shown.items()):
-        for i, (values, ax) in enumerate(zip(matrices, row)):
-            _heatmap(fig, ax, values, f"layer {i}: {title}", _names("e", values.shape[1]), row_names)
+        for i, (values, ax) in zip(_titles(titles, L), zip(matrices, row)):
+            _heatmap(fig, ax, values, f"{i}: {title}", _names("e", values.shape[1]), row_names)
             ax.set_ylabel(ylabel, fontsize=8)
     return _save(fig, path)
 
@@ -137,7 +143,7 @@ def history_plot(history: dict[str, Series], step: int | None, path: Path) -> Pa
     return _save(fig, path)
 
 
-def stability_plot(stability: list[Stability], path: Path) -> Path:
+def stability_plot(stability: list[Stability], path: Path, titles: Sequence[str] | None = None) -> Path:
     """Share of tokens whose routing changed between the two checkpoints, and top-1 transitions per layer."""
     L = len(stability)
     fig, axes = _figure(1, L + 1, 3.2, 2.8)
@@ -145,12 +151,12 @@ def stability_plot(stability: list[Stability], path: Path) -> Path:
     kinds = [("top-1 expert", "top1_changed"), ("expert set", "set_changed"), ("group set", "group_set_changed")]
     for k, (label, name) in enumerate(kinds):
         axes[0, 0].bar(x + (k - 1) * 0.27, [getattr(s, name) for s in stability], width=0.27, label=label)
-    axes[0, 0].set_xticks(x, _names("layer ", L), fontsize=7)
+    axes[0, 0].set_xticks(x, _titles(titles, L), fontsize=7)
     axes[0, 0].set_ylim(0, 1)
     axes[0, 0].set_title("share of tokens that changed", fontsize=9)
     axes[0, 0].legend(fontsize=6)
-    for i, (s, ax) in enumerate(zip(stability, axes[0, 1:])):
+    for i, (s, ax) in zip(_titles(titles, L), zip(stability, axes[0, 1:])):
         E = s.transitions_EE.shape[0]
         share = s.transitions_EE / np.maximum(s.transitions_EE.sum(1, keepdims=True), 1)
-        _heatmap(fig, ax, share, f"layer {i}: top-1 A (rows) -> B %", _names("e", E), _names("e", E))
+        _heatmap(fig, ax, share, f"{i}: top-1 A (rows) -> B %", _names("e", E), _names("e", E))
     return _save(fig, path)

@@ -10,6 +10,8 @@ The trainer, ``compare``, ``eval`` and ``inspect`` drive every task through ``Ta
 - ``state_extra()``: what the task saves in a checkpoint (a tokenizer, say), handed back to
   ``TaskType.make(cfg, saved)`` when the checkpoint is read;
 - ``write_eval_artifacts(model, result, device, out_dir)``: files ``dualroute eval`` writes (none by default);
+- ``routed_rows(x, y, out)``: for ``dualroute inspect``, what each MoE layer's routed rows of a batch are (their
+  label, position and whether they are real tokens); ``num_labels`` and ``label_decoder(stream)`` name the labels;
 - ``flops_seq_len`` (attention length for the FLOP count, None without attention over a sequence) and
   ``sample(...)`` where the task can generate text (``can_sample``).
 
@@ -44,6 +46,17 @@ class EvalResult:
     metrics: dict[str, float]  # val_loss, and val_ppl / val_bpb (text) or val_acc (images)
     expert_counts: list[torch.Tensor]  # per MoE layer: routed rows per expert (int64, E)
     router_entropy: list[float]  # per MoE layer: mean routing entropy in nats
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """What one MoE layer's T routed rows of a batch are, for ``dualroute inspect`` (numpy, length T)."""
+
+    labels_T: np.ndarray  # int64: the row's token id, or the class of its image
+    positions_T: np.ndarray  # int64: position in its sequence (0 = the first token, or an image's class token)
+    keep_T: np.ndarray  # bool: a real token; False rows (padding) are left out of the inspection
+    stream: str = ""  # the token stream the layer routes ("" where there is one; "source" / "target")
+    name: str | None = None  # the layer's name in reports (None: its index among the MoE layers)
 
 
 class Task:
@@ -120,11 +133,45 @@ class Task:
     def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
         raise NotImplementedError
 
+    # --------------------------------------------------------------------------- for dualroute inspect
+
+    @property
+    def num_labels(self) -> int:
+        """How many label values ``routed_rows`` gives: the vocabulary (token labels) or the classes."""
+        m = self.model_config
+        return m.vocab_size if self.run_config.task_type.labels == "tokens" else m.num_classes
+
+    def routed_rows(self, x: Any, y: torch.Tensor, out) -> list[RoutedRows]:
+        """Per MoE layer (in the order of ``out.aux``), what its routed rows of the batch ``(x, y)`` are.
+
+        Default: one stream of B equal-length examples shared by every layer, none of it padding; a row is
+        labelled by its token id (``x``, token-labelled tasks) or by its example's class (``y``).
+        """
+        return single_stream_rows(x, y, out, self.run_config.task_type.labels == "tokens")
+
+    def label_decoder(self, stream: str = ""):
+        """``ids -> text`` for the token labels of ``stream`` (the task's tokenizer), or None without one."""
+        tok = getattr(self, "tokenizer", None)
+        return None if tok is None else tok.decode
+
     def write_eval_artifacts(self, model: nn.Module, result: EvalResult, device: torch.device,
                              out_dir: Path) -> list[Path]:
         """Files ``dualroute eval`` writes into ``out_dir`` beside its printout (a classifier's confusion
         matrix, say); returns their paths. None by default."""
         return []
+
+
+def single_stream_rows(x: torch.Tensor, y: torch.Tensor, out, token_labels: bool) -> list[RoutedRows]:
+    """``Task.routed_rows`` of one stream of B equal-length examples seen by every MoE layer, no padding: rows
+    labelled by their token id (``x``, when ``token_labels``) or by their example's class (``y``)."""
+    rows: list[RoutedRows] = []
+    for aux in out.aux:
+        B = y.shape[0]
+        S = aux.routing.expert_ids_TK.shape[0] // B
+        labels_BS = x if token_labels else y[:, None].expand(B, S)
+        labels_T = labels_BS.reshape(-1).cpu().numpy().astype(np.int64)
+        rows.append(RoutedRows(labels_T, np.tile(np.arange(S), B), np.ones(len(labels_T), bool)))
+    return rows
 
 
 def to_device(x: Any, device: torch.device) -> Any:

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dualroute.data.parallel import BucketedPairs, PairTokenizer, ParallelSplits, load_parallel, train_pair_tokenizer
+from dualroute.data.parallel import (SPECIALS, BucketedPairs, PairTokenizer, ParallelSplits, load_parallel,
+                                     train_pair_tokenizer)
 from dualroute.losses import router_entropy
 from dualroute.models import dense_twin
 from dualroute.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from dualroute.train.presets import DataConfig, RunConfig, TrainConfig, named_run, preset_moe, register_preset
 from dualroute.train.registry import ModelType, TaskType, register_model, register_task
-from dualroute.train.tasks.base import Batch, EvalResult, Task, to_device
+from dualroute.train.tasks.base import Batch, EvalResult, RoutedRows, Task, to_device
 
 IGNORE = -100  # target positions the loss skips (padding)
 
@@ -201,14 +202,54 @@ class TranslationTask(Task):
         model.train(was_training)
         return TranslationEval(metrics, counts, [float(np.mean(e)) for e in entropies], notes)
 
+    def _moe_blocks(self) -> tuple[list[int], list[int]]:
+        """The encoder and the decoder blocks whose FFN is an MoE layer (the model's aux: encoder first)."""
+        cfg = self.model_config
+        if cfg.moe is None:
+            return [], []
+        return ([i for i in range(cfg.n_encoder_layers) if cfg.is_moe_slot("encoder", i)],
+                [i for i in range(cfg.n_decoder_layers) if cfg.is_moe_slot("decoder", i)])
+
     def _layer_masks(self, model: nn.Module, x: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
         """The real-token mask of each MoE layer's input, in the order of the model's aux (encoder first)."""
-        cfg = self.model_config
         src_BS, tgt_in_BT = x
-        n_enc = sum(cfg.moe is not None and cfg.is_moe_slot("encoder", i) for i in range(cfg.n_encoder_layers))
-        n_dec = sum(cfg.moe is not None and cfg.is_moe_slot("decoder", i) for i in range(cfg.n_decoder_layers))
+        enc, dec = self._moe_blocks()
         pad = self.tokenizer.pad_id
-        return [(src_BS != pad).reshape(-1)] * n_enc + [(tgt_in_BT != pad).reshape(-1)] * n_dec
+        return [(src_BS != pad).reshape(-1)] * len(enc) + [(tgt_in_BT != pad).reshape(-1)] * len(dec)
+
+    # --------------------------------------------------------------------------- for dualroute inspect
+
+    @property
+    def num_labels(self) -> int:
+        return max(self.model_config.src_vocab_size, self.model_config.tgt_vocab_size)
+
+    def routed_rows(self, x: Any, y: torch.Tensor, out) -> list[RoutedRows]:
+        """Encoder MoE layers route the source tokens, decoder ones the target prefix (``tgt_in``, from bos);
+        each row is labelled by its token id on that side, and padding is left out."""
+        src_BS, tgt_in_BT = (v.cpu() for v in x)
+        enc, dec = self._moe_blocks()
+        if len(enc) + len(dec) != len(out.aux):
+            raise ValueError(f"the model gave {len(out.aux)} MoE layers' routing, its config names "
+                             f"{len(enc) + len(dec)}")
+        pad = self.tokenizer.pad_id
+
+        def stream(ids_BS: torch.Tensor, side: str, block: int, what: str) -> RoutedRows:
+            B, S = ids_BS.shape
+            return RoutedRows(ids_BS.reshape(-1).numpy().astype(np.int64), np.tile(np.arange(S), B),
+                              (ids_BS != pad).reshape(-1).numpy(), side, f"{what} {block}")
+
+        return ([stream(src_BS, "source", i, "enc") for i in enc]
+                + [stream(tgt_in_BT, "target", i, "dec") for i in dec])
+
+    def label_decoder(self, stream: str = ""):
+        """Source or target side of the pair tokenizer (one vocabulary for both when it is shared)."""
+        side = self.tokenizer.decode_src if stream == "source" else self.tokenizer.decode_tgt
+
+        def decode(ids) -> str:  # a special token alone by its name (the tokenizer drops specials)
+            ids = [int(i) for i in ids]
+            return SPECIALS[ids[0]] if len(ids) == 1 and 0 <= ids[0] < len(SPECIALS) else side(ids)
+
+        return decode
 
     def _score_decoded(self, model: nn.Module, device: torch.device, metrics: dict[str, float]) -> list[str]:
         n = self.run_config.task.eval_sentences
