@@ -423,6 +423,7 @@ def test_translation_run_is_inspected_per_stream_without_padding(mt_run, tmp_pat
     text = (out / "report.md").read_text(encoding="utf-8")
     for i, name in enumerate(["enc 0", "dec 0", "dec 1"]):
         assert f"| {name} | {an.layers[i].num_tokens:,} | {an.layers[i].maxvio:.3f} |" in text
+        assert f"| maxvio | {name} | " in text  # the training history names the layers the same way
     source_part = text.split("Layer enc 0 (source tokens):")[1].split("Layer dec 0")[0]
     target_part = text.split("Layer dec 0 (target tokens):")[1].split("Layer dec 1")[0]
     specials = {"<s>", "</s>", "<unk>"}

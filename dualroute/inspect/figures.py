@@ -122,16 +122,20 @@ def group_heatmaps(label_group_YG: list[np.ndarray], row_names: list[str], path:
     return _save(fig, path)
 
 
-def history_plot(history: dict[str, Series], step: int | None, path: Path) -> Path:
-    """Each logged routing metric over training steps, one line per layer."""
+def history_plot(history: dict[str, Series], step: int | None, path: Path,
+                 titles: Sequence[str] | None = None) -> Path:
+    """Each logged routing metric over training steps, one line per layer (``titles``: the layers' names, used
+    where the log has that many layers)."""
     keys = list(history)
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = _figure(rows, cols, 3.6, 2.4)
     for ax, key in zip(axes.flat, keys):
         series = history[key]
-        for layer in range(series.values_SL.shape[1]):
-            ax.plot(series.steps_S, series.values_SL[:, layer], lw=1, label=f"layer {layer}")
+        L = series.values_SL.shape[1]
+        names = titles if titles is not None and len(titles) == L else None
+        for layer, name in enumerate(_titles(names, L)):
+            ax.plot(series.steps_S, series.values_SL[:, layer], lw=1, label=name)
         if step is not None:
             ax.axvline(step, color="k", lw=0.8, ls=":")
         ax.set_title(key, fontsize=9)

@@ -67,7 +67,7 @@ def draw(an: Analysis, out: Path) -> dict[str, Path]:
             drawn["groups"] = figures.group_heatmaps([s.label_group_YG for s in an.specialisation], rows,
                                                      out / "class_group.png")
     if an.history:
-        drawn["history"] = figures.history_plot(an.history, _step(an), out / "training.png")
+        drawn["history"] = figures.history_plot(an.history, _step(an), out / "training.png", titles)
     if an.stability is not None:
         drawn["stability"] = figures.stability_plot(an.stability, out / "stability.png", titles)
     return drawn
@@ -306,9 +306,11 @@ def _training(an: Analysis, figs: dict[str, str]) -> str:
              f"![routing during training]({figs['history']})", "",
              "| metric | layer | first logged | at the checkpoint |", "|---|---|---|---|"]
     for key, series in an.history.items():
-        for layer in range(series.values_SL.shape[1]):
+        L = series.values_SL.shape[1]
+        for layer in range(L):
             first, last = _first(series, layer), _at_or_before(series, layer, step)
-            lines.append(f"| {key} | {layer} | {first} | {last} |")
+            name = an.inspected.layer_name(layer) if L == len(an.layers) else str(layer)
+            lines.append(f"| {key} | {name} | {first} | {last} |")
     return "\n".join(lines)
 
 
