@@ -20,7 +20,7 @@ from torch import nn
 from ..conv_experts import ConvFFN, ConvMoELayer, check_conv_moe
 from ..layer import MoEAux, MoEConfig
 from ..routing import deferred_finite_checks
-from .common import ModelOutput, active_hidden, check_positive_ints, replace_moe_with_dense
+from .common import ModelOutput, active_hidden, check_images, check_positive_ints, replace_moe_with_dense
 
 _ACTIVATIONS = ("gelu", "relu", "silu")
 
@@ -158,14 +158,7 @@ class CNNClassifier(nn.Module):
         return 2 * total
 
     def _check_input(self, images_BCHW: torch.Tensor) -> None:
-        cfg = self.cfg
-        if not isinstance(images_BCHW, torch.Tensor) or not images_BCHW.is_floating_point():
-            got = images_BCHW.dtype if isinstance(images_BCHW, torch.Tensor) else type(images_BCHW).__name__
-            raise TypeError(f"images must be a floating-point tensor, got {got}")
-        want = (cfg.channels, cfg.image_size, cfg.image_size)
-        if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != want:
-            raise ValueError(f"expected images of shape (B, C, H, W) = (B, {', '.join(map(str, want))}), "
-                             f"got {tuple(images_BCHW.shape)}")
+        check_images(images_BCHW, self.cfg.channels, self.cfg.image_size)
 
 
 def _act(x: torch.Tensor, activation: str) -> torch.Tensor:

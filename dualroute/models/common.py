@@ -17,7 +17,7 @@ from torch import nn
 from ..experts import Experts
 from ..layer import DenseFFN, MoEAux, MoEConfig, MoELayer
 from ..routing import deferred_finite_checks
-from .blocks import SelfAttention
+from .blocks import Block, SelfAttention
 
 C = TypeVar("C")
 
@@ -169,3 +169,24 @@ def check_moe(cfg: Any) -> None:
 def check_positive_float(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def encoder_blocks(cfg: Any) -> nn.ModuleList:
+    """``cfg.n_layers`` bidirectional blocks (the ViT's, the speech encoder's), an MoE FFN where
+    ``cfg.is_moe_slot(i)`` (a dense one as wide as K experts in a dense twin)."""
+    return nn.ModuleList(
+        Block(cfg.dim, cfg.n_heads, build_ffn(cfg.dim, cfg.ffn_hidden, cfg.is_moe_slot(i), cfg.moe, cfg.dense_twin_of),
+              causal=False, dropout=cfg.dropout, layer_idx=i)
+        for i in range(cfg.n_layers)
+    )
+
+
+def check_images(images_BCHW: Any, channels: int, image_size: int) -> None:
+    """A floating-point ``(B, channels, image_size, image_size)`` tensor, or a TypeError / ValueError naming it."""
+    if not isinstance(images_BCHW, torch.Tensor) or not images_BCHW.is_floating_point():
+        got = images_BCHW.dtype if isinstance(images_BCHW, torch.Tensor) else type(images_BCHW).__name__
+        raise TypeError(f"images must be a floating-point tensor, got {got}")
+    want = (channels, image_size, image_size)
+    if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != want:
+        raise ValueError(f"expected images of shape (B, C, H, W) = (B, {', '.join(map(str, want))}), "
+                         f"got {tuple(images_BCHW.shape)}")

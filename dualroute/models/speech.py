@@ -18,8 +18,7 @@ from torch import nn
 
 from ..layer import MoEAux, MoEConfig
 from ..routing import deferred_finite_checks
-from .blocks import Block
-from .common import ModelOutput, build_ffn, check_dropout, check_moe, check_positive_ints
+from .common import ModelOutput, check_dropout, check_moe, check_positive_ints, encoder_blocks
 
 
 def _halved(n: int) -> int:
@@ -81,12 +80,7 @@ class SpeechClassifier(nn.Module):
         self.front = ConvFrontEnd(cfg.n_mels, cfg.channels, cfg.dim)
         self.pos_emb_1SD = nn.Parameter(torch.randn(1, cfg.tokens, cfg.dim) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, build_ffn(cfg.dim, cfg.ffn_hidden, cfg.is_moe_slot(i), cfg.moe,
-                                                  cfg.dense_twin_of),
-                  causal=False, dropout=cfg.dropout, layer_idx=i)
-            for i in range(cfg.n_layers)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..layer import MoEAux, MoEConfig
 from ..routing import deferred_finite_checks
-from .blocks import Block
-from .common import ModelOutput, build_ffn, check_dropout, check_moe, check_positive_ints, replace_moe_with_dense
+from .common import (ModelOutput, check_dropout, check_images, check_moe, check_positive_ints, encoder_blocks,
+                     replace_moe_with_dense)
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,7 @@ class ViTClassifier(nn.Module):
         self.cls_token_11D = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_emb_1SD = nn.Parameter(torch.randn(1, self.context_len, cfg.dim) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
-        # A convolutional expert (the seed paper's suggestion) would act on the patch grid, before the
-        # tokens are flattened: a new kind in experts.py fed (x_ND, counts_E) whose rows are patches,
-        # reshaped per expert to (n, D, H/p, W/p). The block structure here would not change.
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, build_ffn(cfg.dim, cfg.ffn_hidden, cfg.is_moe_slot(i), cfg.moe,
-                                                  cfg.dense_twin_of),
-                  causal=False, dropout=cfg.dropout, layer_idx=i)
-            for i in range(cfg.n_layers)
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
@@ -97,11 +89,4 @@ class ViTClassifier(nn.Module):
         return ModelOutput(logits_BY, aux)
 
     def _check_input(self, images_BCHW: torch.Tensor) -> None:
-        cfg = self.cfg
-        if not isinstance(images_BCHW, torch.Tensor) or not images_BCHW.is_floating_point():
-            got = images_BCHW.dtype if isinstance(images_BCHW, torch.Tensor) else type(images_BCHW).__name__
-            raise TypeError(f"images must be a floating-point tensor, got {got}")
-        want = (cfg.channels, cfg.image_size, cfg.image_size)
-        if images_BCHW.dim() != 4 or tuple(images_BCHW.shape[1:]) != want:
-            raise ValueError(f"expected images of shape (B, C, H, W) = (B, {', '.join(map(str, want))}), "
-                             f"got {tuple(images_BCHW.shape)}")
+        check_images(images_BCHW, self.cfg.channels, self.cfg.image_size)
