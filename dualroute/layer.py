@@ -110,6 +110,7 @@ class MoEAux:
     num_dropped: torch.Tensor  # 0-dim int64
     losses: dict[str, torch.Tensor]  # unweighted aux losses whose weight is > 0
     loss: torch.Tensor  # 0-dim float32: sum of weight * loss; add it to the task loss
+    mask_T: torch.Tensor | None = None  # the real-token mask the layer was given (None: every row is real)
 
 
 class DenseFFN(nn.Module):
@@ -219,6 +220,7 @@ class MoELayer(nn.Module):
             num_dropped=dropped_E.sum(),
             losses=values,
             loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
+            mask_T=mask_T,
         )
 
     def _expert_choice(
@@ -238,6 +240,7 @@ class MoELayer(nn.Module):
             num_dropped=choice.num_untaken,
             losses=values,
             loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
+            mask_T=mask_T,
         )
         return run_experts(self.experts, x_TD, choice), aux
 

@@ -789,3 +789,18 @@ def test_direct_rows_check_dtypes_and_follow_autocast(monkeypatch):
         want = layer(x)[0]
     assert direct.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(direct.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["token_choice", "expert_choice"])
+def test_aux_carries_the_padding_mask_so_logged_entropy_skips_padding(mode):
+    from dualroute.losses import router_entropy
+    extra = {"capacity_factor": 2.0} if mode == "expert_choice" else {}
+    layer = make_layer(num_experts=4, experts_per_token=2, routing_mode=mode, **extra)
+    x_BSD = random_input(2, 5, 6)
+    mask_BS = torch.tensor([[True, True, True, False, False], [True, False, False, False, False]])
+    _, aux = layer(x_BSD, mask_BS)
+    assert torch.equal(aux.mask_T, mask_BS.reshape(-1))
+    _, real = layer(x_BSD[mask_BS])  # the real tokens alone
+    assert real.mask_T is None
+    assert router_entropy(aux.routing.probs_TE, aux.mask_T) == pytest.approx(router_entropy(real.routing.probs_TE))
+    assert router_entropy(aux.routing.probs_TE) != pytest.approx(router_entropy(real.routing.probs_TE))

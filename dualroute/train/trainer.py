@@ -344,7 +344,7 @@ class Trainer:
         record = {"step": self.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                   f"{self.task.unit}_per_s": rate, "train_time": self.train_time}
         if maxvio:  # per MoE layer; entropy of the last micro-batch (mean over ranks)
-            entropy = [router_entropy(a.routing.probs_TE.detach()) for a in stats.aux[-len(layers):]]
+            entropy = [router_entropy(a.routing.probs_TE.detach(), a.mask_T) for a in stats.aux[-len(layers):]]
             record.update(aux_loss=stats.aux_loss, maxvio=maxvio,
                           group_maxvio=[max_violation(stats.layer_load(i, "tokens_per_group_G")) for i in layers],
                           entropy=list(self.ranks.mean(*entropy)),

@@ -123,7 +123,7 @@ class Task:
                 entropies = [[] for _ in out.aux]
             for i, aux in enumerate(out.aux):
                 counts[i] += aux.tokens_per_expert_E.cpu()
-                entropies[i].append(router_entropy(aux.routing.probs_TE))
+                entropies[i].append(router_entropy(aux.routing.probs_TE, aux.mask_T))  # padding left out
         model.train(was_training)
         if count == 0:
             raise ValueError("the validation split gave no batches")
