@@ -127,7 +127,7 @@ def _gather(shard: torch.Tensor, group) -> torch.Tensor:
 def layer_world(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("layer")
     run_workers(layer_scenarios, 4, str(tmp), timeout_s=TIMEOUT_S)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(4)]
 
 
 @pytest.mark.slow
