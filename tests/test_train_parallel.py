@@ -321,3 +321,17 @@ def test_a_rank_whose_peer_stalls_exits_2_not_abort(tmp_path):
     assert "error: rank 1 of 2 stopped:" in result.stderr and "--resume" in result.stderr
     assert "terminate called" not in result.stderr and "SIGABRT" not in result.stderr, result.stderr[-3000:]
     assert re.search(r"rank\s*: 1 .*\n\s*exitcode\s*: 2 ", result.stderr), result.stderr[-3000:]
+
+
+def test_batches_that_do_not_split_into_equal_row_shares_are_refused_by_name():
+    from types import SimpleNamespace
+
+    from dualroute.train.distributed import ExpertParallel
+    ranks = SimpleNamespace(world=2, rank=1)
+    x, y = torch.arange(8).view(4, 2), torch.arange(4)
+    mine = ExpertParallel.my_rows(ranks, (x, y))
+    assert torch.equal(mine[0], x[2:]) and torch.equal(mine[1], y[2:])
+    with pytest.raises(ValueError, match="2 ranks split each batch.*a tuple of tensors.*translation"):
+        ExpertParallel.my_rows(ranks, ((x, x), y))  # a translation batch: (source, target prefix)
+    with pytest.raises(ValueError, match="are 3 rows"):
+        ExpertParallel.my_rows(ranks, (x[:3], y[:3]))

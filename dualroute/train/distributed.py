@@ -161,8 +161,14 @@ class ExpertParallel(SingleProcess):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
 
     def my_rows(self, batch: Batch) -> Batch:
-        rows = batch[0].shape[0] // self.world
-        return tuple(v[self.rank * rows : (self.rank + 1) * rows] for v in batch)
+        x, y = batch
+        if not isinstance(x, torch.Tensor) or x.shape[0] % self.world:
+            what = "a tuple of tensors" if isinstance(x, tuple) else f"{x.shape[0]} rows"
+            raise ValueError(f"{self.world} ranks split each batch into equal row shares; this task's batches are "
+                             f"{what} (the translation task's token-bucketed batches are not supported on several "
+                             f"ranks yet: train it in one process)")
+        rows = x.shape[0] // self.world
+        return x[self.rank * rows : (self.rank + 1) * rows], y[self.rank * rows : (self.rank + 1) * rows]
 
     @contextmanager
     def micro_batch(self, model: nn.Module, sync: bool) -> Iterator[nn.Module]:
