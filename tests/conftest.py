@@ -50,6 +50,11 @@ def make_layer(
     """
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(dim=dim, hidden=hidden, router=router or RouterOptions(), **cfg))
+    return randomise(layer, seed, bias_scale).to(dtype).eval()
+
+
+def randomise(layer: MoELayer, seed: int, bias_scale: float) -> MoELayer:
+    """Every parameter of ``layer`` random (scale 0.5), and its correction-bias buffers (``bias_scale``)."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in layer.parameters():
@@ -58,7 +63,7 @@ def make_layer(
             buf = getattr(layer.router, name)
             if buf is not None:
                 buf.copy_(torch.randn(buf.shape, generator=gen) * bias_scale)
-    return layer.to(dtype).eval()
+    return layer
 
 
 def random_input(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 123) -> torch.Tensor:

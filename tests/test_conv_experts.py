@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import TOL, assert_same_grads, output_and_grads
+from conftest import TOL, assert_same_grads, output_and_grads, randomise
 from dualroute.balance import BalanceConfig, update_correction_biases
 from dualroute.conv_experts import ConvExperts, ConvFFN, ConvMoELayer
 from dualroute.experts import ExpertConfig, Experts
@@ -36,16 +36,7 @@ def conv_layer(*, E=8, K=2, G=4, J=2, dtype=torch.float64, seed=0, bias_scale=0.
     torch.manual_seed(seed)
     moe = MoEConfig(dim=C, hidden=HID, num_experts=E, experts_per_token=K, num_groups=G, groups_per_token=J,
                     expert_kind="conv", router=router or RouterOptions(), **cfg)
-    layer = ConvMoELayer(moe)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for name in ("expert_bias_E", "group_bias_G"):
-            buf = getattr(layer.router, name)
-            if buf is not None:
-                buf.copy_(torch.randn(buf.shape, generator=gen) * bias_scale)
-    return layer.to(dtype).eval()
+    return randomise(ConvMoELayer(moe), seed, bias_scale).to(dtype).eval()
 
 
 def images(B=12, H=5, W=4, dtype=torch.float64, seed=3) -> torch.Tensor:
