@@ -6,6 +6,7 @@ Shapes: T tokens, D model dim, F expert hidden dim, E experts, G groups, K exper
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,6 +77,19 @@ class MoEConfig:
         if self.routing_mode == "expert_choice" and self.num_groups != 1:
             raise ValueError(f"routing_mode 'expert_choice' supports num_groups=1 only, "
                              f"got num_groups={self.num_groups}")
+        if (self.routing_mode == "token_choice" and self.experts_per_token == 1 and self.num_experts > 1
+                and self.router.renormalize):
+            warnings.warn("experts_per_token=1 with router.renormalize=True weighs every token's expert 1.0, so "
+                          "the router gets no gradient from the model's loss (only from balance losses); set "
+                          "router.renormalize=False to weigh it by its probability (Switch Transformer)",
+                          UserWarning, stacklevel=3)
+
+    @property
+    def shared_width(self) -> int:
+        """Total width of the always-on shared experts (0 without them)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.num_shared_experts * self.hidden if self.shared_hidden is None else self.shared_hidden
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(
@@ -130,8 +144,7 @@ class SharedExperts(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        width = cfg.num_shared_experts * cfg.hidden if cfg.shared_hidden is None else cfg.shared_hidden
-        self.ffn = DenseFFN(cfg.dim, width, cfg.expert_kind, cfg.activation, cfg.expert_bias, cfg.out_dim)
+        self.ffn = DenseFFN(cfg.dim, cfg.shared_width, cfg.expert_kind, cfg.activation, cfg.expert_bias, cfg.out_dim)
         self.gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_gate else None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:

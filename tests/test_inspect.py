@@ -24,6 +24,7 @@ from dualroute.inspect import (analyse_checkpoint, contingency, coselection, ins
 from dualroute.inspect.cli_hook import inspect_main
 from dualroute.inspect.collect import gather, spread
 from dualroute.layer import MoEConfig, MoELayer
+from dualroute.routing import RouterOptions
 from dualroute.losses import router_entropy
 from dualroute.models import ModelOutput
 from dualroute.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -63,6 +64,7 @@ def class_router_layer(expert_of_class: list[int], **cfg) -> MoELayer:
     Group gate: class c -> group of its expert; expert gate row e: the classes sent to e. Logits are 0 or 20,
     so every choice wins by a margin of 20.
     """
+    cfg = {"router": RouterOptions(renormalize=False), **cfg}  # K=1 weighs by probability (no warning)
     layer = MoELayer(MoEConfig(dim=4, hidden=2, num_experts=4, num_groups=2, groups_per_token=1,
                                experts_per_token=1, **cfg))
     with torch.no_grad():

@@ -13,6 +13,7 @@ J groups per token, K experts per token.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 
 import pytest
@@ -635,6 +636,25 @@ def test_bad_config(build, words):
         build()
     for word in words:
         assert word in str(info.value)
+
+
+def test_top1_with_renormalised_weights_warns_that_the_router_cannot_learn():
+    # K=1 renormalised: the one weight is p / p = 1, so no gradient of the loss reaches the router.
+    with pytest.warns(UserWarning, match="renormalize=False"):
+        cfg = MoEConfig(dim=4, hidden=4, num_experts=4, experts_per_token=1)
+    layer = MoELayer(cfg)
+    x = random_input(5, 4, dtype=torch.float32)
+    layer(x)[0].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in layer.router.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEConfig(dim=4, hidden=4, num_experts=4, experts_per_token=1, router=RouterOptions(renormalize=False))
+        MoEConfig(dim=4, hidden=4, num_experts=1, experts_per_token=1)  # one expert: weight 1 is right
+        MoEConfig(dim=4, hidden=4, num_experts=4, experts_per_token=1, routing_mode="expert_choice")
+    switch = MoELayer(MoEConfig(dim=4, hidden=4, num_experts=4, experts_per_token=1,
+                                router=RouterOptions(renormalize=False)))
+    switch(x)[0].sum().backward()
+    assert switch.router.gate.weight.grad.abs().sum() > 0
 
 
 # Python's bool is an int, so True passed every "positive int" and "number > 0" check (hidden=True built a layer

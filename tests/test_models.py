@@ -169,9 +169,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 # ------------------------------------------------------------------------------------------ counting
 
 
-@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("shared", [dict(), dict(num_shared_experts=1), dict(num_shared_experts=1, shared_hidden=24)])
 def test_dense_twin_matches_active_params_up_to_router(shared):
-    cfg = tiny_lm_cfg(moe=moe_cfg(32, num_shared_experts=shared))
+    cfg = tiny_lm_cfg(moe=moe_cfg(32, **shared))
     moe_model, twin = TransformerLM(cfg), TransformerLM(dense_twin(cfg))
     total, active = param_counts(moe_model)
     twin_total, twin_active = param_counts(twin)

@@ -111,7 +111,7 @@ def _numel(module: nn.Module) -> int:
 
 def active_hidden(moe: MoEConfig) -> int:
     """Width of the dense FFN with the same per-token matmul parameters as one MoE layer."""
-    return (moe.experts_per_token + moe.num_shared_experts) * moe.hidden
+    return moe.experts_per_token * moe.hidden + moe.shared_width
 
 
 def build_ffn(dim: int, ffn_hidden: int, moe_slot: bool, moe: MoEConfig | None,
