@@ -50,7 +50,7 @@ def test_bench_lm_parts(tmp_path, capsys, one_thread):
     assert run_lm(["--repeats", "1", "--threads", "1", "--parts", "--json", str(out), "model.n_layers=1",
                    "train.batch_size=2", "train.seq_len=8"]) == 0
     result = json.loads(out.read_text())
-    assert set(result["medians_s"]) == {"lm-dense", "lm-flat", "lm-dual"}
+    assert set(result["medians_s"]) == {"lm-dense", "lm-flat", "lm-dual"}  # the default presets
     assert result["lm-dense_over_lm-dense"] == 1.0
     assert set(result["parts_s"]) == {"lm-flat", "lm-dual"}  # the dense preset has no MoE layer
     for parts in result["parts_s"].values():
@@ -89,7 +89,7 @@ def test_header_names_allocator_and_threading_settings(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--presets", ","],
-                                  ["--presets", "lm-dense,digits-dual"]])
+                                  ["--presets", "lm-dense-small,digits-dual"]])
 def test_bench_lm_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as info:
         run_lm(argv)
@@ -132,8 +132,9 @@ def test_bench_generate_times_the_sort_based_dispatch_on_the_cpu(monkeypatch, on
     calls = []
     real = layer_mod.plan_dispatch
     monkeypatch.setattr(layer_mod, "plan_dispatch", lambda *a, **k: calls.append(layer_mod.DIRECT_MAX_ROWS) or real(*a, **k))
-    assert run_generate(["--new-tokens", "2", "--prompt", "8", "--repeats", "1", "--threads", "1", *TINY_LM]) == 0
-    # 8-token prompts (16 rows) take the dispatch in both rows; only the "before" row decodes through it too
+    assert run_generate(["--new-tokens", "2", "--prompt", "8", "--repeats", "1", "--threads", "1",
+                         "--presets", "lm-dense-small,lm-dual-small", *TINY_LM]) == 0
+    # 8-token prompts (K=2: 16 rows) take the dispatch in both rows; only the "before" row decodes through it too
     assert set(calls) == {layer_mod.DIRECT_MAX_ROWS, 0}
     assert calls.count(layer_mod.DIRECT_MAX_ROWS) == calls.count(0) // 2
     assert layer_mod.DIRECT_MAX_ROWS > 0  # restored
@@ -167,11 +168,11 @@ def test_bench_layer_bfloat16(tmp_path, capsys, one_thread):
 def test_bench_lm_bfloat16_autocast(tmp_path, capsys, one_thread):
     out = tmp_path / "lm.json"
     assert run_lm(["--repeats", "1", "--threads", "1", "--dtype", "bfloat16", "--parts", "--json", str(out),
-                   "--presets", "lm-dense,lm-dual", "model.n_layers=1", "train.batch_size=2", "train.seq_len=8"]) == 0
+                   "--presets", "lm-dense-small,lm-dual-small", "model.n_layers=1", "train.batch_size=2", "train.seq_len=8"]) == 0
     result = json.loads(out.read_text())
     assert result["setup"]["dtype"] == "bfloat16" and result["setup"]["device"] == "cpu"
     assert result["setup"]["precision"] == "bfloat16 autocast (float32 weights)"
-    assert set(result["parts_s"]["lm-dual"]) == STAGES
+    assert set(result["parts_s"]["lm-dual-small"]) == STAGES
     assert "bfloat16 autocast (float32 weights), cpu, 1 threads" in capsys.readouterr().out
 
 
@@ -301,8 +302,8 @@ def test_bench_presets_resize_the_dense_twin_with_the_moe():
     from dualroute.models import param_counts
     from dualroute.train.tasks import make_task
 
-    configs = preset_configs(argparse.ArgumentParser(), "lm-dense,lm-flat", ["model.moe.hidden=64", "model.dim=64"])
-    dense, flat = configs["lm-dense"].model, configs["lm-flat"].model
+    configs = preset_configs(argparse.ArgumentParser(), "lm-dense-small,lm-flat-small", ["model.moe.hidden=64", "model.dim=64"])
+    dense, flat = configs["lm-dense-small"].model, configs["lm-flat-small"].model
     assert dense.dense_twin_of.hidden == flat.moe.hidden == 64 and dense.dim == dense.dense_twin_of.dim == 64
     active = {n: param_counts(make_task(c).build_model())[1] for n, c in configs.items()}
-    assert active["lm-flat"] - active["lm-dense"] == flat.moe.num_experts * (64 + 1) * flat.n_layers  # the routers
+    assert active["lm-flat-small"] - active["lm-dense-small"] == flat.moe.num_experts * (64 + 1) * flat.n_layers  # the routers

@@ -20,14 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "lm-dual", "--out", str(out), "--quiet", "train.steps=2", *TINY]) == 0
+    assert main(["train", "lm-dual-small", "--out", str(out), "--quiet", "train.steps=2", *TINY]) == 0
     return out
 
 
 def test_split_overrides():
-    rest, overrides = split_overrides(["train", "lm-flat", "train.steps=3", "--model.moe.num_experts=4",
+    rest, overrides = split_overrides(["train", "lm-flat-small", "train.steps=3", "--model.moe.num_experts=4",
                                        "--data.path", "a b.txt", "--out", "x"])
-    assert rest == ["train", "lm-flat", "--out", "x"]
+    assert rest == ["train", "lm-flat-small", "--out", "x"]
     assert overrides == ["train.steps=3", "model.moe.num_experts=4", "data.path=a b.txt"]
 
 
@@ -93,11 +93,12 @@ def test_compare_writes_table_and_png(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["train", "train.stepz=3"], "unknown config key 'train.stepz'"),
-    (["train", "data.path=/no/such/corpus.txt", "train.steps=1"], "no such text file"),
+    (["train", "lm-dual-small", "data.path=/no/such/corpus.txt", "train.steps=1"], "no such text file"),
+    (["train", "data.path=/no/such/corpus.txt"], "data kind 'stdlib' reads this Python's standard library"),
     (["train", "mnist-dual"], "data.path"),
     (["eval", "/no/such/run"], "no checkpoint or run directory"),
     (["generate", "/no/such/run"], "no checkpoint or run directory"),
-    (["compare", "--presets", "lm-dual,nope"], "unknown preset 'nope'"),
+    (["compare", "--presets", "lm-dual-small,nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_errors_exit_2_with_one_line(argv, message, capsys):

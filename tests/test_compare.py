@@ -114,13 +114,13 @@ def test_the_baseline_must_have_every_seed():
 
 
 def test_the_dense_twin_is_found_or_named():
-    configs = preset_configs(["lm-dense", "lm-flat", "lm-dual"], [])
-    assert find_baseline(configs) == "lm-dense"
-    assert find_baseline(configs, "lm-flat") == "lm-flat"
-    with pytest.raises(ValueError, match="no dense preset among lm-flat, lm-dual.*--baseline"):
-        find_baseline(preset_configs(["lm-flat", "lm-dual"], []))
-    with pytest.raises(ValueError, match=r"several dense presets \(lm-dense, digits-dense\)"):
-        find_baseline(preset_configs(["lm-dense", "digits-dense"], []))
+    configs = preset_configs(["lm-dense-small", "lm-flat-small", "lm-dual-small"], [])
+    assert find_baseline(configs) == "lm-dense-small"
+    assert find_baseline(configs, "lm-flat-small") == "lm-flat-small"
+    with pytest.raises(ValueError, match="no dense preset among lm-flat-small, lm-dual-small.*--baseline"):
+        find_baseline(preset_configs(["lm-flat-small", "lm-dual-small"], []))
+    with pytest.raises(ValueError, match=r"several dense presets \(lm-dense-small, digits-dense\)"):
+        find_baseline(preset_configs(["lm-dense-small", "digits-dense"], []))
     with pytest.raises(ValueError, match="--baseline digits-dense is not among"):
         find_baseline(configs, "digits-dense")
 
@@ -128,8 +128,8 @@ def test_the_dense_twin_is_found_or_named():
 def test_overrides_and_toml_reach_every_preset_and_the_twin_keeps_equal_active_width(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("[train]\nlr = 0.001\n\n[model]\ndim = 64\n\n[model.moe]\nexperts_per_token = 4\n")
-    configs = preset_configs(["lm-dense", "lm-dual"], ["model.moe.hidden=64", "train.steps=7"], str(toml))
-    dense, dual = configs["lm-dense"], configs["lm-dual"]
+    configs = preset_configs(["lm-dense-small", "lm-dual-small"], ["model.moe.hidden=64", "train.steps=7"], str(toml))
+    dense, dual = configs["lm-dense-small"], configs["lm-dual-small"]
     assert dense.train.lr == dual.train.lr == 0.001 and dense.train.steps == dual.train.steps == 7
     assert dual.model.moe.experts_per_token == 4 and dual.model.moe.hidden == 64
     assert dual.model.dim == dual.model.moe.dim == dense.model.dim == 64  # model.dim resizes the MoE config too
@@ -196,7 +196,7 @@ def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, m
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--presets", "digits-dual,digits-flat"], "no dense preset among digits-dual, digits-flat"),
     (["compare", "--presets", "digits-dual", "--config", "missing.toml"], "config file not found: missing.toml"),
-    (["compare", "--presets", "digits-dense", "--baseline", "lm-dense"], "--baseline lm-dense is not among"),
+    (["compare", "--presets", "digits-dense", "--baseline", "lm-dense-small"], "--baseline lm-dense-small is not among"),
     (["compare", "--report-only", "--out", "nowhere"], "no nowhere/compare.json"),
     (["compare", "--presets", "digits-dense", "--seeds", "0,a"], "--seeds takes comma-separated integers, got '0,a'"),
 ])

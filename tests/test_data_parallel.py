@@ -223,8 +223,8 @@ STRAIGHT = ["train.steps=6", "train.eval_every=3"]
 RESUMED = ["train.steps=4", "train.save_every=2", "train.eval_every=3"]
 
 
-def tiny(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
-    words = [*TINY, *BALANCED] if preset != "lm-dense" else \
+def tiny(out: Path, *extra: str, preset: str = "lm-dual-small") -> RunConfig:
+    words = [*TINY, *BALANCED] if preset != "lm-dense-small" else \
         [w for w in [*TINY, *BALANCED] if not w.startswith("model.moe.")]  # the dense twin: no MoE section
     return override(get_preset(preset), [*words, f"train.out_dir={out}", *extra])
 
@@ -254,7 +254,7 @@ def two_ranks(rank: int, world: int, tmp: str) -> None:
     tmp = Path(tmp)
     train(tiny(tmp / "dp2", *STRAIGHT), progress=False, expert_parallel=1, data_parallel=2)
     train(tiny(tmp / "one_to_dp2", *RESUMED), resume=True, progress=False, data_parallel=2)
-    train(tiny(tmp / "dense_dp2", *STRAIGHT, preset="lm-dense"), progress=False, data_parallel=2)
+    train(tiny(tmp / "dense_dp2", *STRAIGHT, preset="lm-dense-small"), progress=False, data_parallel=2)
 
 
 def four_ranks(rank: int, world: int, tmp: str) -> None:
@@ -270,7 +270,7 @@ def one_process(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("one")
     train(tiny(tmp / "straight", *STRAIGHT), progress=False)
     train(tiny(tmp / "straight4", *RESUMED), progress=False)
-    train(tiny(tmp / "dense", *STRAIGHT, preset="lm-dense"), progress=False)
+    train(tiny(tmp / "dense", *STRAIGHT, preset="lm-dense-small"), progress=False)
     return tmp
 
 
@@ -355,7 +355,7 @@ def test_layout_must_match_the_launched_processes(tmp_path, capsys):
         train(tiny(tmp_path, "train.steps=1"), progress=False, expert_parallel=2, data_parallel=2)
     with pytest.raises(ValueError, match=r"--data-parallel must be an int >= 1, got 0"):
         train(tiny(tmp_path, "train.steps=1"), progress=False, data_parallel=0)
-    assert main(["train", "lm-dual", "--out", str(tmp_path), "--quiet", "--data-parallel", "3", *TINY]) == 2
+    assert main(["train", "lm-dual-small", "--out", str(tmp_path), "--quiet", "--data-parallel", "3", *TINY]) == 2
     assert "--expert-parallel 1 x --data-parallel 3 = 3 must equal" in capsys.readouterr().err
     assert train(tiny(tmp_path, "train.steps=1"), progress=False, expert_parallel=1, data_parallel=1).steps == 1
 
@@ -378,7 +378,7 @@ def test_two_torchrun_launchers_equal_one_process(tmp_path, one_process):
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
          "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "dualroute", "train", "lm-dual", "--out", str(out), "--quiet",
+         "-m", "dualroute", "train", "lm-dual-small", "--out", str(out), "--quiet",
          "--expert-parallel", "2", "--data-parallel", "2", *TINY, *BALANCED, *steps],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) for node in (0, 1)]
     try:

@@ -1,6 +1,6 @@
 """Models trained by ``dualroute train`` load in transformers (``dualroute convert RUN OUT --to hf``).
 
-Tiny runs (2 steps) of lm-dual, lm-flat and lm-dense export in the custom-code format; lm-flat with a
+Tiny runs (2 steps) of lm-dual-small, lm-flat-small and lm-dense-small export in the custom-code format; lm-flat-small with a
 bias-free router and no correction biases as a native Mixtral, and with a gated shared expert, a dense
 first layer and unnormalised routing weights as a native Qwen2-MoE. Float32, eval mode: transformers'
 logits equal dualroute's within 1e-5, greedy generation (with transformers' KV cache) gives the same ids,
@@ -39,14 +39,14 @@ MIXTRAL = ["model.moe.router.bias=false", "model.moe.router.correction_bias=fals
 QWEN2_MOE = [*MIXTRAL, "model.moe.num_shared_experts=1", "model.moe.shared_gate=true",
              "model.moe.router.renormalize=false", "model.dense_first=1"]
 RUNS = {  # name: (preset, extra overrides)
-    "lm-dual": ("lm-dual", []),
-    "lm-flat": ("lm-flat", []),
-    "lm-dense": ("lm-dense", []),
-    "mixtral": ("lm-flat", MIXTRAL),
-    "qwen2_moe": ("lm-flat", QWEN2_MOE),
+    "lm-dual-small": ("lm-dual-small", []),
+    "lm-flat-small": ("lm-flat-small", []),
+    "lm-dense-small": ("lm-dense-small", []),
+    "mixtral": ("lm-flat-small", MIXTRAL),
+    "qwen2_moe": ("lm-flat-small", QWEN2_MOE),
 }
 NATIVE = {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM}
-CUSTOM = ["lm-dual", "lm-flat", "lm-dense"]
+CUSTOM = ["lm-dual-small", "lm-flat-small", "lm-dense-small"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,9 +127,9 @@ def test_custom_code_export_loads_and_matches(runs, name, tmp_path, capsys):
 
 
 def test_custom_code_generate_uses_transformers_cache(runs, tmp_path, capsys):
-    export(runs["lm-dual"], tmp_path / "hf", capsys)
+    export(runs["lm-dual-small"], tmp_path / "hf", capsys)
     hf = load_hf(tmp_path / "hf", trust_remote_code=True)
-    ours = dualroute_model(runs["lm-dual"])  # routed experts keep dualroute's memory layout (exact matmuls)
+    ours = dualroute_model(runs["lm-dual-small"])  # routed experts keep dualroute's memory layout (exact matmuls)
     assert hf.model.blocks[0].ffn.experts.w13.stride() == ours.blocks[0].ffn.experts.w13.stride()
     lengths = []
     hf.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
@@ -148,7 +148,7 @@ def test_custom_code_generate_uses_transformers_cache(runs, tmp_path, capsys):
 
 
 def test_custom_code_refuses_padding_and_computes_the_training_loss(runs, tmp_path, capsys):
-    export(runs["lm-dual"], tmp_path / "hf", capsys)
+    export(runs["lm-dual-small"], tmp_path / "hf", capsys)
     hf = load_hf(tmp_path / "hf", trust_remote_code=True)
     idx = prompt(S=6)
     with pytest.raises(ValueError, match="padded batches"):
@@ -156,17 +156,17 @@ def test_custom_code_refuses_padding_and_computes_the_training_loss(runs, tmp_pa
     with pytest.raises(ValueError, match="position"):
         hf(idx, position_ids=torch.arange(1, 7)[None])
     out = hf(idx, labels=idx)
-    ours = dualroute_model(runs["lm-dual"])(idx)
+    ours = dualroute_model(runs["lm-dual-small"])(idx)
     ce = torch.nn.functional.cross_entropy(ours.logits[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1))
     assert len(ours.aux) == 2
     torch.testing.assert_close(out.loss, ce + sum(a.loss for a in ours.aux))
 
 
 def test_custom_code_round_trip_is_exact(runs, tmp_path, capsys):
-    export(runs["lm-dual"], tmp_path / "hf", capsys)
+    export(runs["lm-dual-small"], tmp_path / "hf", capsys)
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "dualroute"]) == 0
     assert "training checkpoint" in capsys.readouterr().out
-    original, back = read_run(runs["lm-dual"]), load_weights(tmp_path / "back")
+    original, back = read_run(runs["lm-dual-small"]), load_weights(tmp_path / "back")
     assert back.model_state.keys() == original.state.keys()
     for name, tensor in original.state.items():
         assert torch.equal(back.model_state[name], tensor), name
@@ -181,17 +181,17 @@ def test_custom_code_round_trip_is_exact(runs, tmp_path, capsys):
 
 
 def test_no_preset_is_native_and_the_overrides_are(runs):
-    flat = mismatches(get_preset("lm-flat").model)
+    flat = mismatches(get_preset("lm-flat-small").model)
     assert flat["mixtral"] == ["the router has a bias (model.moe.router.bias=true)"]
     assert flat["qwen2_moe"] == flat["mixtral"] + [
         "no sigmoid-gated shared expert (model.moe.num_shared_experts>=1 with model.moe.shared_gate=true)"]
-    assert "two-level routing (model.moe.num_groups=4)" in mismatches(get_preset("lm-dual").model)["mixtral"]
-    assert mismatches(get_preset("lm-dense").model)["qwen2_moe"] == ["the model is dense (no MoE layers)"]
-    mixtral = mismatches(override(get_preset("lm-flat"), MIXTRAL).model)
+    assert "two-level routing (model.moe.num_groups=4)" in mismatches(get_preset("lm-dual-small").model)["mixtral"]
+    assert mismatches(get_preset("lm-dense-small").model)["qwen2_moe"] == ["the model is dense (no MoE layers)"]
+    mixtral = mismatches(override(get_preset("lm-flat-small"), MIXTRAL).model)
     assert mixtral["mixtral"] == [] and mixtral["qwen2_moe"] != []
-    qwen = mismatches(override(get_preset("lm-flat"), QWEN2_MOE).model)
+    qwen = mismatches(override(get_preset("lm-flat-small"), QWEN2_MOE).model)
     assert qwen["qwen2_moe"] == [] and len(qwen["mixtral"]) == 3  # shared expert, dense layer, not renormalised
-    trained = read_run(runs["lm-flat"])  # balancing moved lm-flat's correction biases
+    trained = read_run(runs["lm-flat-small"])  # balancing moved lm-flat-small's correction biases
     assert any("correction biases are non-zero" in w for w in mismatches(trained.model, trained.state)["mixtral"])
 
 
@@ -206,7 +206,7 @@ def test_no_preset_is_native_and_the_overrides_are(runs):
     ("model.dropout=0.1", "model.dropout=0.1"),
 ])
 def test_every_difference_from_both_families_is_named(change, reason):
-    why = mismatches(override(get_preset("lm-flat"), [*QWEN2_MOE, change]).model)
+    why = mismatches(override(get_preset("lm-flat-small"), [*QWEN2_MOE, change]).model)
     assert any(reason in w for w in why["qwen2_moe"]) and any(reason in w for w in why["mixtral"]), why
 
 
@@ -259,7 +259,7 @@ def test_tokenizer_json_encodes_and_decodes_as_dualroute(kind, tmp_path):
 
 
 def test_exported_folder_tokenizer_is_the_runs(runs, tmp_path, capsys):
-    export(runs["lm-dense"], tmp_path / "hf", capsys)
+    export(runs["lm-dense-small"], tmp_path / "hf", capsys)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True, trust_remote_code=True)
     assert tok("é!").input_ids == list("é!".encode())
     assert load_tokenizer(tmp_path / "hf" / "dualroute_tokenizer.json").encode("é!") == list("é!".encode())
@@ -276,14 +276,14 @@ def test_convert_reports_bad_runs(runs, tmp_path, capsys):
     assert f"no such folder: {tmp_path / 'missing'}" in fails(tmp_path / "missing", "--to", "hf")
     bare = tmp_path / "bare-run"  # a run that never saved a checkpoint
     bare.mkdir()
-    (bare / "config.json").write_text(json.dumps(run_config_to_dict(get_preset("lm-dual"))))
+    (bare / "config.json").write_text(json.dumps(run_config_to_dict(get_preset("lm-dual-small"))))
     assert f"{bare} holds no checkpoint" in fails(bare, "--to", "hf")
     image = tmp_path / "image-run" / "ckpt-00000001"
     save_checkpoint(image, model_state={}, extra={"config": run_config_to_dict(get_preset("digits-dual"))}, rng=False)
     err = fails(image.parent, "--to", "hf")
     assert str(image) in err and "model is an ImageConfig" in err
-    assert "is a dualroute training run already" in fails(runs["lm-flat"], "--to", "dualroute")
-    export(runs["lm-flat"], tmp_path / "hf", capsys)
+    assert "is a dualroute training run already" in fails(runs["lm-flat-small"], "--to", "dualroute")
+    export(runs["lm-flat-small"], tmp_path / "hf", capsys)
     assert "already a transformers export" in fails(tmp_path / "hf", "--to", "hf")
-    assert convert_main([str(runs["lm-flat"]), str(runs["lm-flat"]), "--to", "hf"]) == 2
+    assert convert_main([str(runs["lm-flat-small"]), str(runs["lm-flat-small"]), "--to", "hf"]) == 2
     assert "is the source folder" in capsys.readouterr().err

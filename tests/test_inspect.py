@@ -190,7 +190,7 @@ def digits_ckpt(tmp_path_factory, one_thread) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_ckpt(tmp_path_factory, one_thread) -> Path:
-    return _train(tmp_path_factory.mktemp("lm"), "lm-dual", TINY_LM)
+    return _train(tmp_path_factory.mktemp("lm"), "lm-dual-small", TINY_LM)
 
 
 def links(report: Path) -> list[str]:
@@ -354,8 +354,8 @@ def test_data_labels_name_the_stdlib_corpus():
     from dualroute.inspect.collect import _data_label
     from dualroute.train.presets import get_preset, override
 
-    assert "standard library" in _data_label(override(get_preset("lm-dual"), ["data.kind=stdlib"]), None)
-    assert _data_label(get_preset("lm-dual"), None) == "the embedded corpus"
+    assert "standard library" in _data_label(override(get_preset("lm-dual-small"), ["data.kind=stdlib"]), None)
+    assert _data_label(get_preset("lm-dual-small"), None) == "the embedded corpus"
 
 
 # ------------------------------------------------------------------ encoder-decoder (translation) runs

@@ -44,7 +44,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
               if out.output_type == "error"]
     assert not errors
     # It wrote where it was told: a checkpoint, the figures it shows, and nothing beside its folder.
-    assert list((work / "lm-dual").glob("ckpt-*"))
+    assert list((work / "lm-dual-small").glob("ckpt-*"))
     assert {"load.png", "token_expert.png", "report.md"} <= {p.name for p in (work / "inspect").iterdir()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs

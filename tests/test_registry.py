@@ -125,11 +125,11 @@ def test_the_default_options_fill_in_and_a_dense_twin_is_generic(toy_registered)
 def test_mismatches_are_named(toy_registered):
     toy = get_preset("toy-dual")
     with pytest.raises(ValueError, match=r"'toy' task, which needs a model config among ToyConfig \('toy'\)"):
-        dataclasses.replace(toy, model=get_preset("lm-dual").model)
+        dataclasses.replace(toy, model=get_preset("lm-dual-small").model)
     with pytest.raises(ValueError, match="'toy' task's options are a ToyOptions, got int"):
         dataclasses.replace(toy, task=3)
     with pytest.raises(ValueError, match="the 'lm' task takes no task options"):
-        dataclasses.replace(get_preset("lm-dual"), task=ToyOptions())
+        dataclasses.replace(get_preset("lm-dual-small"), task=ToyOptions())
     with pytest.raises(ValueError, match="unknown data kind 'toy-pts'; expected one of .*toy-points"):
         DataConfig(kind="toy-pts")
     with pytest.raises(ValueError, match="already belong to task 'toy'"):
@@ -141,7 +141,7 @@ def test_mismatches_are_named(toy_registered):
 
 
 def test_a_config_saved_before_model_kind_existed_loads_as_its_tasks_first_model():
-    for name, model_cls in (("lm-dual", "LMConfig"), ("digits-dual", "ImageConfig")):
+    for name, model_cls in (("lm-dual-small", "LMConfig"), ("digits-dual", "ImageConfig")):
         d = run_config_to_dict(get_preset(name))
         assert "task" not in d  # tasks without options write no section
         d.pop("model_kind")

@@ -158,7 +158,7 @@ def test_kill_9_while_saving_leaves_the_last_checkpoint_and_an_exact_resume(tmp_
     script, marker = tmp_path / "kill.py", tmp_path / "in-save"
     script.write_text(_KILLED_WHILE_SAVING)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(files_before_kill), "train", "lm-dual",
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(files_before_kill), "train", "lm-dual-small",
                              "--out", str(run), "--quiet", *common], cwd=tmp_path, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -170,9 +170,9 @@ def test_kill_9_while_saving_leaves_the_last_checkpoint_and_an_exact_resume(tmp_
 
     assert ckpt.latest_checkpoint(run) == run / "ckpt-00000002"
     assert ckpt.load_checkpoint(run / "ckpt-00000002").extra["step"] == 2
-    assert main(["train", "lm-dual", "--out", str(run), "--resume", "--quiet", *common]) == 0
+    assert main(["train", "lm-dual-small", "--out", str(run), "--resume", "--quiet", *common]) == 0
     assert not list(run.glob(".tmp-*"))
-    assert main(["train", "lm-dual", "--out", str(tmp_path / "straight"), "--quiet", *common]) == 0
+    assert main(["train", "lm-dual-small", "--out", str(tmp_path / "straight"), "--quiet", *common]) == 0
     a = ckpt.load_checkpoint(run / "ckpt-00000004").model_state
     b = ckpt.load_checkpoint(tmp_path / "straight" / "ckpt-00000004").model_state
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

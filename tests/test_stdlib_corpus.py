@@ -86,11 +86,11 @@ def test_split_needs_a_file_on_each_side(tmp_path):
 
 
 def test_selected_through_the_config_with_clear_errors(tmp_path):
-    assert override(get_preset("lm-dual"), ["data.kind=stdlib"]).data.kind == "stdlib"
+    assert override(get_preset("lm-dual-small"), ["data.kind=stdlib"]).data.kind == "stdlib"
     with pytest.raises(ValueError, match="stdlib"):  # the valid kinds are listed
-        override(get_preset("lm-dual"), ["data.kind=stdlb"])
+        override(get_preset("lm-dual-small"), ["data.kind=stdlb"])
     with pytest.raises(ValueError, match="takes no data.path"):
-        override(get_preset("lm-dual"), ["data.kind=stdlib", f"data.path={tmp_path}"])
+        override(get_preset("lm-dual-small"), ["data.kind=stdlib", f"data.path={tmp_path}"])
     with pytest.raises(ValueError, match=r"'lm' task, which needs a model config among LMConfig.*got ImageConfig"):
         override(get_preset("digits-dual"), ["data.kind=stdlib"])
 
@@ -109,7 +109,7 @@ def test_task_trains_on_training_files_only(few_real_files):
     from dualroute.train.tasks import LMTask
 
     train, val = few_real_files
-    task = LMTask(override(get_preset("lm-dual"), ["data.kind=stdlib", *TINY]))
+    task = LMTask(override(get_preset("lm-dual-small"), ["data.kind=stdlib", *TINY]))
     corpus = load_stdlib_corpus(0.1)
     assert corpus.train_files == tuple(train) and corpus.val_files == tuple(val)
     decode = ByteTokenizer().decode
@@ -121,7 +121,7 @@ def test_bpe_tokenizer_learns_from_training_files(few_real_files):
     pytest.importorskip("tokenizers")
     from dualroute.train.tasks import LMTask
 
-    task = LMTask(override(get_preset("lm-dual"), ["data.kind=stdlib", "data.tokenizer=bpe",
+    task = LMTask(override(get_preset("lm-dual-small"), ["data.kind=stdlib", "data.tokenizer=bpe",
                                                    "data.bpe_vocab_size=300", *TINY]))
     corpus = load_stdlib_corpus(0.1)
     assert task.model_config.vocab_size == task.tokenizer.vocab_size == 300
@@ -132,7 +132,7 @@ def test_two_training_steps_from_the_cli(few_real_files, tmp_path, capsys):
     from dualroute.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "lm-dual", "data.kind=stdlib", "train.steps=2", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["train", "lm-dual-small", "data.kind=stdlib", "train.steps=2", "--out", str(out), "--quiet", *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["metrics"]["val_loss"] > 0
     assert json.loads((out / "config.json").read_text())["data"]["kind"] == "stdlib"

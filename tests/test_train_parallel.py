@@ -49,7 +49,7 @@ TIMEOUT_S = 60.0  # collectives of the equivalence world
 FAULT_TIMEOUT_S = 5.0  # what a dead rank may cost the other
 
 
-def tiny(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
+def tiny(out: Path, *extra: str, preset: str = "lm-dual-small") -> RunConfig:
     return override(get_preset(preset), [*TINY, f"train.out_dir={out}", *extra])
 
 
@@ -97,7 +97,7 @@ def scenarios(rank: int, world: int, tmp: str) -> None:
     train(tiny(tmp / "one_to_two", *RESUMED), resume=True, progress=False, expert_parallel=world)
     messages = []
     for cfg, ep in [(tiny(tmp / "bad", "train.steps=1"), world + 1),
-                    (tiny(tmp / "bad", "train.steps=1", "model.moe.num_experts=3", preset="lm-flat"), world),
+                    (tiny(tmp / "bad", "train.steps=1", "model.moe.num_experts=3", preset="lm-flat-small"), world),
                     (tiny(tmp / "bad", "train.steps=1", "train.batch_size=3"), world)]:
         try:
             train(cfg, progress=False, expert_parallel=ep)
@@ -173,7 +173,7 @@ def test_sizes_that_do_not_split_raise_on_every_rank(two_ranks):
 def test_world_size_mismatch_without_processes(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"--expert-parallel 2 must equal .* WORLD_SIZE=1"):
         train(tiny(tmp_path, "train.steps=1"), progress=False, expert_parallel=2)
-    assert main(["train", "lm-dual", "--out", str(tmp_path), "--quiet", "--expert-parallel", "4", *TINY]) == 2
+    assert main(["train", "lm-dual-small", "--out", str(tmp_path), "--quiet", "--expert-parallel", "4", *TINY]) == 2
     assert "--expert-parallel 4 must equal" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started 2 processes, the flag was forgotten
     with pytest.raises(ValueError, match=r"--expert-parallel 1 \(not given\) must equal .* WORLD_SIZE=2"):
@@ -278,7 +278,7 @@ def test_a_failing_rank_stops_the_other_and_keeps_the_last_checkpoint(tmp_path, 
 def test_torchrun_launches_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dualroute", "train", "lm-dual", "--out", str(out), "--quiet", "--expert-parallel", "2",
+           "-m", "dualroute", "train", "lm-dual-small", "--out", str(out), "--quiet", "--expert-parallel", "2",
            *TINY, "train.steps=2"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -314,7 +314,7 @@ def test_a_rank_whose_peer_stalls_exits_2_not_abort(tmp_path):
     script = tmp_path / "stall.py"
     script.write_text(_STALL_WHILE_SAVING)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           "train", "lm-dual", "--out", str(tmp_path / "run"), "--quiet", "--expert-parallel", "2", *TINY,
+           "train", "lm-dual-small", "--out", str(tmp_path / "run"), "--quiet", "--expert-parallel", "2", *TINY,
            "train.steps=3", "train.save_every=1", f"train.dist_timeout_s={FAULT_TIMEOUT_S}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode != 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -33,8 +34,8 @@ TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hid
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_lm(out: Path, *extra: str, preset: str = "lm-dual") -> RunConfig:
-    moe = ["model.moe.hidden=16"] if preset != "lm-dense" else []
+def tiny_lm(out: Path, *extra: str, preset: str = "lm-dual-small") -> RunConfig:
+    moe = ["model.moe.hidden=16"] if preset != "lm-dense-small" else []
     return override(get_preset(preset), [*TINY_LM, *moe, f"train.out_dir={out}", *extra])
 
 
@@ -75,18 +76,39 @@ def test_presets_build_and_round_trip(name):
 
 
 def test_lm_presets_differ_only_in_routing():
-    dual, flat, dense = (get_preset(n).model for n in ("lm-dual", "lm-flat", "lm-dense"))
+    dual, flat, dense = (get_preset(n).model for n in ("lm-dual-small", "lm-flat-small", "lm-dense-small"))
     assert (dual.moe.num_groups, dual.moe.groups_per_token) == (4, 2)
     assert (flat.moe.num_groups, flat.moe.groups_per_token) == (1, 1)
     assert dual.moe.num_experts == flat.moe.num_experts and dual.moe.hidden == flat.moe.hidden
     assert dense.moe is None and dense.dense_twin_of == dual.moe
-    tasks = {n: make_task(get_preset(n)) for n in ("lm-dual", "lm-dense")}
+    tasks = {n: make_task(get_preset(n)) for n in ("lm-dual-small", "lm-dense-small")}
     active = {n: param_counts(t.build_model())[1] for n, t in tasks.items()}
-    assert abs(active["lm-dual"] - active["lm-dense"]) / active["lm-dense"] < 0.02  # only the routers differ
+    assert abs(active["lm-dual-small"] - active["lm-dense-small"]) / active["lm-dense-small"] < 0.02  # only the routers differ
+
+
+def test_the_search_presets_shapes_and_equal_active_parameters():
+    # lm-dual / lm-flat / lm-dense: issue #14's presets (docs/results.md). Built without reading the corpus.
+    dual, flat, dense = (get_preset(n) for n in ("lm-dual", "lm-flat", "lm-dense"))
+    assert {c.data.kind for c in (dual, flat, dense)} == {"stdlib"}
+    assert len({dataclasses.replace(c.train, out_dir="") for c in (dual, flat, dense)}) == 1  # one schedule
+    moe = dual.model.moe
+    assert (moe.dim, moe.num_experts, moe.experts_per_token, moe.hidden, moe.num_shared_experts) == (128, 16, 1, 512, 1)
+    assert moe.num_groups == 4 and not moe.router.renormalize  # K=1 weighs by probability: the router learns
+    assert flat.model.moe == dataclasses.replace(moe, num_groups=1, groups_per_token=1)
+    assert dense.model.moe is None and dense.model.dense_twin_of == moe
+    models = {n: TransformerLM(c.model) for n, c in (("dual", dual), ("flat", flat), ("dense", dense))}
+    assert {b.ffn.inner.cfg.hidden for b in models["dense"].blocks} == {1024}  # shared F + one routed F
+    counts = {n: param_counts(m) for n, m in models.items()}
+    routers = {n: sum(p.numel() for b in m.blocks for p in b.ffn.router.parameters()) for n, m in models.items()
+               if n != "dense"}
+    assert routers == {"flat": 4 * (16 * 128 + 16), "dual": 4 * ((16 + 4) * 128 + 16 + 4)}
+    for n in ("dual", "flat"):
+        assert counts[n][1] - routers[n] == counts["dense"][1] == counts["dense"][0]  # active = the twin + routers
+        assert counts[n][0] - counts[n][1] == 4 * 15 * 3 * 128 * 512  # 15 of 16 routed experts idle per token
 
 
 def test_overrides_reach_nested_and_union_typed_fields():
-    cfg = override(get_preset("lm-dual"), ["model.moe.num_experts=16", "--train.steps=7", "model.dim=64"])
+    cfg = override(get_preset("lm-dual-small"), ["model.moe.num_experts=16", "--train.steps=7", "model.dim=64"])
     assert cfg.model.moe.num_experts == 16 and cfg.train.steps == 7
     assert cfg.model.dim == cfg.model.moe.dim == 64  # model.dim carries the MoE dim along
     img = override(get_preset("digits-dense"), ["model.dim=32", "model.n_layers=1"])
@@ -104,7 +126,7 @@ def test_overrides_reach_nested_and_union_typed_fields():
 ])
 def test_bad_overrides_raise(bad, match):
     with pytest.raises(ValueError, match=match):
-        override(get_preset("lm-dual"), bad)
+        override(get_preset("lm-dual-small"), bad)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -208,9 +230,9 @@ def test_resume_rejects_another_model(tmp_path):
 def test_grad_accumulation_matches_larger_batch(tmp_path):
     """Dense model, no dropout: 2 micro-batches of 4 take the same step as one batch of 8."""
     common = ("train.steps=2", "train.eval_every=0", "train.grad_clip=0")
-    train(tiny_lm(tmp_path / "accum", *common, "train.batch_size=4", "train.grad_accum=2", preset="lm-dense"),
+    train(tiny_lm(tmp_path / "accum", *common, "train.batch_size=4", "train.grad_accum=2", preset="lm-dense-small"),
           progress=False)
-    train(tiny_lm(tmp_path / "big", *common, "train.batch_size=8", preset="lm-dense"), progress=False)
+    train(tiny_lm(tmp_path / "big", *common, "train.batch_size=8", preset="lm-dense-small"), progress=False)
     for step, loss in train_losses(tmp_path / "big").items():
         assert train_losses(tmp_path / "accum")[step] == pytest.approx(loss, abs=1e-5)
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "accum")).model_state

@@ -166,7 +166,7 @@ def test_a_translation_checkpoint_translates_without_its_data(run_dir, corpus, t
 
 def test_translate_refuses_a_language_model_run(tmp_path, capsys):
     out = tmp_path / "lm"
-    assert main(["train", "lm-dense", "--out", str(out), "--quiet", "train.steps=1", "model.dim=32", "model.n_layers=1",
+    assert main(["train", "lm-dense-small", "--out", str(out), "--quiet", "train.steps=1", "model.dim=32", "model.n_layers=1",
                  "model.n_heads=2", "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=2",
                  "train.eval_batches=1"]) == 0
     assert main(["translate", str(out), "--text", "x"]) == 2
@@ -207,4 +207,4 @@ def test_bench_mt_times_the_presets_against_the_dense_twin(capsys):
                  "model.dim=32", "model.n_heads=2", "model.moe.hidden=16"]) == 0
     out = capsys.readouterr().out
     assert "mt-dense" in out and "mt-dual" in out and "step time / mt-dense" in out
-    assert main(["bench", "mt", "--presets", "lm-dual"]) == 2
+    assert main(["bench", "mt", "--presets", "lm-dual-small"]) == 2

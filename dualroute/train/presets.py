@@ -191,12 +191,14 @@ def register_preset(name: str, make: Callable[[], RunConfig]) -> None:
 
 
 def preset_moe(dim: int, hidden: int, groups: int, groups_per_token: int, *, num_experts: int = 8,
-               experts_per_token: int = 2, expert_kind: str = "swiglu") -> MoEConfig:
+               experts_per_token: int = 2, expert_kind: str = "swiglu", num_shared_experts: int = 0,
+               renormalize: bool = True) -> MoEConfig:
     """The presets' MoE layer: correction biases (zero until a balancer moves them) let
     ``train.balance_bias_rate`` act."""
     return MoEConfig(dim=dim, hidden=hidden, num_experts=num_experts, experts_per_token=experts_per_token,
                      num_groups=groups, groups_per_token=groups_per_token, expert_kind=expert_kind,
-                     router=RouterOptions(correction_bias=True))
+                     num_shared_experts=num_shared_experts,
+                     router=RouterOptions(correction_bias=True, renormalize=renormalize))
 
 
 def named_run(name: str, model: Any, data: DataConfig, train: TrainConfig, task: Any = None) -> RunConfig:

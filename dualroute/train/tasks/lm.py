@@ -144,19 +144,46 @@ register_task(TaskType("lm", data_kinds=TEXT_KINDS, make=LMTask.from_saved, labe
 
 # ------------------------------------------------------------------------------------------ presets
 
-# Byte-level, D=128, 4 layers; each MoE layer has E=8 swiglu experts of width F=128 and K=2 active, so the
-# dense twin's FFN is 256 wide (active width K*F). 1000 steps of 16 x 128 bytes take about 2.5-3.5 minutes
-# on two idle CPU cores and reach ~1.2 nats/byte over the validation split (unigram baseline 3.25).
+# The presets from issue #14's search for where sparsity pays on the clock (docs/results.md, "Where sparsity
+# pays on this machine"). Byte-level on the standard library's source (data.kind=stdlib, 10.3 MB of training
+# files), D=128, 4 layers. Each MoE layer is one always-on shared expert of width F=512 plus E=16 routed swiglu
+# experts of F=512 with K=1, weighted by their probability (renormalising one weight would make it 1 and leave
+# the router without a gradient); lm-dual routes in two levels, G=4 groups and J=_DUAL_J of them per token. The
+# dense twin's FFN is 1,024 wide (shared + one routed expert). 1,500 steps of 16 x 128 bytes (about 3M bytes,
+# under a third of a pass over the training files) take about 6-7 minutes on two idle CPU cores.
 _LM = dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, max_seq_len=128)
-_LM_F = 128
-_LM_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_every=50,
-                        eval_batches=8, log_every=10, save_every=250)
+_LM_F = 512
+_DUAL_J = 1
+_LM_TRAIN = TrainConfig(steps=1500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_every=50,
+                        eval_batches=8, log_every=10, save_every=500)
 
 
 def _lm(groups: int, groups_per_token: int) -> LMConfig:
-    return LMConfig(**_LM, ffn_hidden=2 * _LM_F, moe=preset_moe(_LM["dim"], _LM_F, groups, groups_per_token))
+    moe = preset_moe(_LM["dim"], _LM_F, groups, groups_per_token, num_experts=16, experts_per_token=1,
+                     num_shared_experts=1, renormalize=False)
+    return LMConfig(**_LM, ffn_hidden=2 * _LM_F, moe=moe)
 
 
-register_preset("lm-dual", lambda: named_run("lm-dual", _lm(4, 2), DataConfig(kind="text"), _LM_TRAIN))
-register_preset("lm-flat", lambda: named_run("lm-flat", _lm(1, 1), DataConfig(kind="text"), _LM_TRAIN))
-register_preset("lm-dense", lambda: named_run("lm-dense", dense_twin(_lm(4, 2)), DataConfig(kind="text"), _LM_TRAIN))
+_STDLIB = DataConfig(kind="stdlib")
+register_preset("lm-dual", lambda: named_run("lm-dual", _lm(4, _DUAL_J), _STDLIB, _LM_TRAIN))
+register_preset("lm-flat", lambda: named_run("lm-flat", _lm(1, 1), _STDLIB, _LM_TRAIN))
+register_preset("lm-dense", lambda: named_run("lm-dense", dense_twin(_lm(4, _DUAL_J)), _STDLIB, _LM_TRAIN))
+
+# The small case (the lm presets before that search): byte-level on the embedded corpus (CPython's help text,
+# about 465K bytes), D=128, 4 layers; each MoE layer has E=8 swiglu experts of width F=128 and K=2 active, so
+# the dense twin's FFN is 256 wide. 1000 steps of 16 x 128 bytes take about 2.5-3.5 minutes on two idle CPU
+# cores and reach ~1.2 nats/byte over the validation split (unigram baseline 3.25).
+_SMALL_F = 128
+_SMALL_TRAIN = TrainConfig(steps=1000, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_every=50,
+                           eval_batches=8, log_every=10, save_every=250)
+
+
+def _lm_small(groups: int, groups_per_token: int) -> LMConfig:
+    return LMConfig(**_LM, ffn_hidden=2 * _SMALL_F, moe=preset_moe(_LM["dim"], _SMALL_F, groups, groups_per_token))
+
+
+_TEXT = DataConfig(kind="text")
+register_preset("lm-dual-small", lambda: named_run("lm-dual-small", _lm_small(4, 2), _TEXT, _SMALL_TRAIN))
+register_preset("lm-flat-small", lambda: named_run("lm-flat-small", _lm_small(1, 1), _TEXT, _SMALL_TRAIN))
+register_preset("lm-dense-small", lambda: named_run("lm-dense-small", dense_twin(_lm_small(4, 2)), _TEXT,
+                                                    _SMALL_TRAIN))
