@@ -293,7 +293,7 @@ PAD_MAX_WASTE = 1.5
 # matmul, each of which can wait on a busy machine.
 CPU_PAD_BLOCKS = 4
 # Fewer experts keep the loop: with 8, four blocks of two save few joins (24 bmm calls a layer step against
-# 48 products), and in a scratch A/B of the lm-dual step (E=8) the blocks were no faster than the loop.
+# 48 products), and in a scratch A/B of the lm-dual-small step (E=8) the blocks were no faster than the loop.
 CPU_PAD_MIN_EXPERTS = 16
 
 

@@ -12,10 +12,12 @@ that ``interop`` reads:
   leave them randomly initialised.
 * OLMoE normalises q and k, DeepSeek-V3 has latent attention: the LM is never either.
 
-No preset is one of them: lm-flat's router has a bias and correction biases (which balancing moves),
-lm-dual routes in two levels, lm-dense has no MoE layer. lm-flat with ``model.moe.router.bias=false
-model.moe.router.correction_bias=false`` is Mixtral; adding ``model.moe.num_shared_experts=1
-model.moe.shared_gate=true`` makes it Qwen2-MoE (and then ``router.renormalize`` and dense layers are free).
+No preset is one of them: the lm-flat and lm-flat-small routers have a bias and correction biases (which
+balancing moves), lm-dual and lm-dual-small route in two levels, lm-dense and lm-dense-small have no MoE
+layer. lm-flat-small with ``model.moe.router.bias=false model.moe.router.correction_bias=false`` is Mixtral;
+adding ``model.moe.num_shared_experts=1 model.moe.shared_gate=true`` makes it Qwen2-MoE (and then
+``router.renormalize`` and dense layers are free). lm-flat already has an ungated shared expert and
+unrenormalised weights, so with those two router settings and ``model.moe.shared_gate=true`` it is Qwen2-MoE.
 """
 
 from __future__ import annotations
