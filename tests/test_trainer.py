@@ -93,7 +93,7 @@ def test_the_search_presets_shapes_and_equal_active_parameters():
     assert len({dataclasses.replace(c.train, out_dir="") for c in (dual, flat, dense)}) == 1  # one schedule
     moe = dual.model.moe
     assert (moe.dim, moe.num_experts, moe.experts_per_token, moe.hidden, moe.num_shared_experts) == (128, 16, 1, 512, 1)
-    assert moe.num_groups == 4 and not moe.router.renormalize  # K=1 weighs by probability: the router learns
+    assert (moe.num_groups, moe.groups_per_token) == (4, 2) and not moe.router.renormalize  # K=1 weighs by probability: the router learns
     assert flat.model.moe == dataclasses.replace(moe, num_groups=1, groups_per_token=1)
     assert dense.model.moe is None and dense.model.dense_twin_of == moe
     models = {n: TransformerLM(c.model) for n, c in (("dual", dual), ("flat", flat), ("dense", dense))}
