@@ -154,7 +154,7 @@ register_task(TaskType("lm", data_kinds=TEXT_KINDS, make=LMTask.from_saved, labe
 _LM = dict(vocab_size=256, dim=128, n_layers=4, n_heads=4, max_seq_len=128)
 _LM_F = 512
 _DUAL_J = 2
-_LM_TRAIN = TrainConfig(steps=1500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_every=50,
+_LM_TRAIN = TrainConfig(steps=1500, batch_size=16, seq_len=128, lr=1.4e-3, warmup_steps=30, eval_every=50,
                         eval_batches=8, log_every=10, save_every=500)
 
 
