@@ -83,7 +83,8 @@ def test_lm_presets_differ_only_in_routing():
     assert dense.moe is None and dense.dense_twin_of == dual.moe
     tasks = {n: make_task(get_preset(n)) for n in ("lm-dual-small", "lm-dense-small")}
     active = {n: param_counts(t.build_model())[1] for n, t in tasks.items()}
-    assert abs(active["lm-dual-small"] - active["lm-dense-small"]) / active["lm-dense-small"] < 0.02  # only the routers differ
+    # only the routers differ
+    assert abs(active["lm-dual-small"] - active["lm-dense-small"]) / active["lm-dense-small"] < 0.02
 
 
 def test_the_search_presets_shapes_and_equal_active_parameters():
@@ -93,7 +94,8 @@ def test_the_search_presets_shapes_and_equal_active_parameters():
     assert len({dataclasses.replace(c.train, out_dir="") for c in (dual, flat, dense)}) == 1  # one schedule
     moe = dual.model.moe
     assert (moe.dim, moe.num_experts, moe.experts_per_token, moe.hidden, moe.num_shared_experts) == (128, 16, 1, 512, 1)
-    assert (moe.num_groups, moe.groups_per_token) == (4, 2) and not moe.router.renormalize  # K=1 weighs by probability: the router learns
+    # K=1 weighs by probability, so the router learns from the loss
+    assert (moe.num_groups, moe.groups_per_token) == (4, 2) and not moe.router.renormalize
     assert flat.model.moe == dataclasses.replace(moe, num_groups=1, groups_per_token=1)
     assert dense.model.moe is None and dense.model.dense_twin_of == moe
     models = {n: TransformerLM(c.model) for n, c in (("dual", dual), ("flat", flat), ("dense", dense))}
