@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run")
     p.add_argument("--lrs", metavar="LR,LR,...", help="learning-rate sweep: each preset trains the first seed at "
                    "each rate and keeps its best (lowest final val_loss) for all seeds")
+    p.add_argument("--lockstep", action="store_true", help="train each seed's presets together in one process, "
+                   "a step of each in turn, so that a machine whose speed drifts slows them alike (the fair way "
+                   "to compare training seconds on a shared machine); the results are the same runs, bit for bit")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
@@ -277,7 +280,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         print(write_report(runs, out, baseline))
     else:
         print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet,
-                          lrs=_lrs(args.lrs)))
+                          lrs=_lrs(args.lrs), lockstep=args.lockstep))
     print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}" + ("" if runs else f", {out / 'compare.json'}"))
     return 0
 

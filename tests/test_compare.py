@@ -162,6 +162,24 @@ def test_compare_command_with_config_file(tmp_path, capsys):
     assert (out / "compare.md").read_text() == table and "compare.json" not in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_compare_lockstep_trains_the_same_runs_side_by_side(tmp_path, monkeypatch):
+    from dualroute.train import trainer
+
+    rounds = []
+    lockstep = trainer.train_lockstep
+    monkeypatch.setattr(trainer, "train_lockstep", lambda cfgs, **kw: rounds.append(len(cfgs)) or lockstep(cfgs, **kw))
+    tiny = ["--presets", "digits-dual,digits-dense", "--seeds", "0,1", "--steps", "2", "--quiet", "model.dim=16",
+            "model.n_layers=1", "train.batch_size=16", "train.eval_every=1", "train.eval_batches=2"]
+    assert main(["compare", *tiny, "--out", str(tmp_path / "seq")]) == 0 and rounds == []
+    assert main(["compare", *tiny, "--out", str(tmp_path / "lock"), "--lockstep"]) == 0 and rounds == [2, 2]
+
+    def losses(out):
+        runs = json.loads((out / "compare.json").read_text())
+        return {p: [[e["val_loss"] for e in r["evals"]] for r in rs] for p, rs in runs.items()}
+
+    assert losses(tmp_path / "lock") == losses(tmp_path / "seq")
+
+
 def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, monkeypatch):
     from dualroute.train import compare
 

@@ -24,7 +24,7 @@ from dualroute.train.presets import (
     run_config_to_dict,
 )
 from dualroute.train.tasks import make_task
-from dualroute.train.trainer import Trainer, train
+from dualroute.train.trainer import Trainer, train, train_lockstep
 
 TINY_LM = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=32", "model.max_seq_len=16",
            "train.seq_len=16", "train.batch_size=4", "train.eval_batches=2", "train.log_every=1",
@@ -227,6 +227,38 @@ def test_resume_rejects_another_model(tmp_path):
     train(tiny_lm(tmp_path, "train.steps=1"), progress=False)
     with pytest.raises(ValueError, match="different model config"):
         train(tiny_lm(tmp_path, "train.steps=2", "model.n_layers=1"), resume=True, progress=False)
+
+
+def test_lockstep_runs_are_the_runs_trained_alone(tmp_path):
+    """Interleaved a step at a time, each run keeps its own RNG (dropout, router noise): same logs, same weights."""
+    common = ("model.dropout=0.1", "train.steps=4", "train.eval_every=2")
+    noisy = ("model.moe.router.noisy_gating=true",)
+    configs = {name: tiny_lm(tmp_path / "alone" / name, *common, *extra, f"train.seed={seed}", preset=preset)
+               for name, preset, extra, seed in [("dual", "lm-dual-small", noisy, 0), ("dense", "lm-dense-small", (), 0),
+                                                 ("dual1", "lm-dual-small", noisy, 1)]}
+    alone = {name: train(cfg, progress=False) for name, cfg in configs.items()}
+    together = train_lockstep([override(c, [f"train.out_dir={tmp_path / 'lock' / n}"]) for n, c in configs.items()],
+                              progress=False)
+    for (name, a), b in zip(alone.items(), together):
+        assert b.steps == 4 and b.metrics == a.metrics and b.train_time_s > 0
+        logged = [{k: v for k, v in r.items() if k not in ("train_time", "elapsed", "tokens_per_s")}
+                  for r in read_jsonl(tmp_path / "lock" / name / "metrics.jsonl")]
+        assert logged == [{k: v for k, v in r.items() if k not in ("train_time", "elapsed", "tokens_per_s")}
+                          for r in read_jsonl(tmp_path / "alone" / name / "metrics.jsonl")]
+        a_state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "alone" / name)).model_state
+        b_state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "lock" / name)).model_state
+        assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
+
+
+def test_lockstep_refuses_shared_or_used_directories_before_training(tmp_path):
+    cfg = tiny_lm(tmp_path / "a", "train.steps=1")
+    with pytest.raises(ValueError, match="one output directory each"):
+        train_lockstep([cfg, cfg], progress=False)
+    assert not (tmp_path / "a").exists()
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_lockstep([tiny_lm(tmp_path / "b", "train.steps=1"), cfg], progress=False)
+    assert not (tmp_path / "b").exists()
 
 
 def test_grad_accumulation_matches_larger_batch(tmp_path):

@@ -286,36 +286,57 @@ def plot_compare(runs: Runs, path: Path, baseline: str) -> None:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def _run_one(cfg: RunConfig, seed: int, preset: str, progress: bool) -> Run:
+def _record(cfg: RunConfig, seed: int, preset: str, summary) -> Run:
     from dualroute.train.metrics_log import read_jsonl
-    from dualroute.train.trainer import train
 
-    summary = train(cfg, progress=None if progress else False)
     evals = [r for r in read_jsonl(Path(cfg.train.out_dir) / "metrics.jsonl") if "val_loss" in r]
     return {"preset": preset, "seed": seed, "lr": cfg.train.lr, "summary": summary.to_dict(), "evals": evals}
 
 
+def _run_one(cfg: RunConfig, seed: int, preset: str, progress: bool) -> Run:
+    from dualroute.train.trainer import train
+
+    return _record(cfg, seed, preset, train(cfg, progress=None if progress else False))
+
+
+def _run_lockstep(jobs: list[tuple[RunConfig, int, str]], progress: bool) -> list[Run]:
+    from dualroute.train.trainer import train_lockstep
+
+    summaries = train_lockstep([cfg for cfg, _, _ in jobs], progress=None if progress else False)
+    return [_record(cfg, seed, preset, s) for (cfg, seed, preset), s in zip(jobs, summaries)]
+
+
 def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, baseline: str,
-                steps: int | None = None, progress: bool = True, lrs: list[float] | None = None) -> str:
+                steps: int | None = None, progress: bool = True, lrs: list[float] | None = None,
+                lockstep: bool = False) -> str:
     """Train every config with every seed under ``out/<preset>/seed<s>``; write compare.md / .json / .png
     there and return the table.
 
     With ``lrs``, every preset first trains the first seed at each learning rate (``out/<preset>/lr<lr>``)
     and keeps the one with the lowest final val_loss for all seeds: each model at its own best rate.
+
+    Runs go in rounds: one seed (or, in the sweep, one rate) of every preset. Without ``lockstep`` a round's
+    runs train one after the other; with it, together in one process, a step of each in turn
+    (``train_lockstep``), so that a machine whose speed drifts over the minutes slows them all alike.
     """
-    def run(preset: str, seed: int, lr: float | None) -> Run:
+    def job(preset: str, seed: int, lr: float | None) -> tuple[RunConfig, int, str]:
         where = out / preset / (f"lr{lr:g}" if lr is not None else "") / f"seed{seed}"
         extra = [f"train.seed={seed}", f"train.out_dir={where}"] + ([f"train.lr={lr!r}"] if lr is not None else [])
         extra += [f"train.steps={steps}"] if steps is not None else []
-        return _run_one(override(configs[preset], extra), seed, preset, progress)
+        return override(configs[preset], extra), seed, preset
+
+    def round_of(jobs: list[tuple[RunConfig, int, str]]) -> list[Run]:
+        if lockstep:
+            return _run_lockstep(jobs, progress)
+        return [_run_one(cfg, seed, preset, progress) for cfg, seed, preset in jobs]
 
     runs: Runs = {p: [] for p in configs}
     chosen: dict[str, float | None] = dict.fromkeys(configs)
     if lrs:
         sweep = {p: {} for p in configs}
         for lr in lrs:  # rate-major: a slow spell on a shared machine hits every preset
-            for preset in configs:
-                sweep[preset][lr] = run(preset, seeds[0], lr)
+            for run in round_of([job(preset, seeds[0], lr) for preset in configs]):
+                sweep[run["preset"]][lr] = run
         for preset, by_lr in sweep.items():
             chosen[preset] = min(by_lr, key=lambda lr: by_lr[lr]["evals"][-1]["val_loss"])
             runs[preset].append(by_lr[chosen[preset]])
@@ -325,8 +346,8 @@ def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, b
             indent=1))
     # Seed-major order: a slow spell on a shared machine then hits every preset, not just one.
     for seed in seeds[1:] if lrs else seeds:
-        for preset in configs:
-            runs[preset].append(run(preset, seed, chosen[preset]))
+        for run in round_of([job(preset, seed, chosen[preset]) for preset in configs]):
+            runs[run["preset"]].append(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(runs, indent=1))
     return write_report(runs, out, baseline)

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from dualroute.losses import max_violation, router_entropy
 from dualroute.models import flops_per_token, param_counts
 from dualroute.train.checkpoint import (
     Checkpoint,
+    capture_rng,
     checkpoint_dir,
     latest_checkpoint,
     load_newest_intact,
@@ -216,6 +217,8 @@ class Trainer:
         self.train_time = 0.0
         self.progress = progress if self.ranks.is_main else False
         self.last_eval: EvalResult | None = None
+        self.summary: Summary | None = None  # set when fit ends
+        self.bar_options: dict[str, Any] = {"desc": self.out_dir.name}  # of the tqdm progress bar
         self.session_units, self.session_time = 0, 0.0  # trained by this process (for the throughput)
 
     # -------------------------------------------------------------------------------- state
@@ -305,6 +308,15 @@ class Trainer:
     # -------------------------------------------------------------------------------- run
 
     def fit(self) -> Summary:
+        """Train up to ``train.steps``, evaluating, logging and saving on the config's schedule."""
+        for _ in self.fit_steps():
+            pass
+        return self.summary
+
+    def fit_steps(self) -> Iterator[int]:
+        """``fit``, one optimizer step at a time: yields the step reached after each (with its logging,
+        evaluation and checkpoint done) and sets ``self.summary`` when the run ends. ``train_lockstep``
+        interleaves several runs' steps this way."""
         t = self.cfg.train
         start = time.perf_counter()
         metrics_path = self.out_dir / "metrics.jsonl"
@@ -314,7 +326,7 @@ class Trainer:
             _truncate_log(metrics_path, self.step)
         disable = None if self.progress is None else not self.progress  # None: only on a terminal
         with self.ranks.metrics_log(metrics_path) as log, \
-                tqdm(total=t.steps, initial=self.step, disable=disable, desc=self.out_dir.name) as bar:
+                tqdm(total=t.steps, initial=self.step, disable=disable, **self.bar_options) as bar:
             if self.step == 0:
                 self._eval_and_log(log, start)
             window_units, window_time = 0, 0.0
@@ -331,12 +343,12 @@ class Trainer:
                     self._eval_and_log(log, start)
                 if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
                     self.save()
+                yield self.step
         if self.last_eval is None:  # resumed a finished run
             self.evaluate()
-        summary = self._summary(time.perf_counter() - start)
+        self.summary = self._summary(time.perf_counter() - start)
         if self.ranks.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
-        return summary
+            (self.out_dir / "summary.json").write_text(json.dumps(self.summary.to_dict(), indent=1))
 
     def _log_step(self, log: JsonlLogger, bar: tqdm, stats: StepStats, rate: float) -> None:
         layers = range(stats.num_layers)
@@ -406,6 +418,44 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool | None = None,
             if new_dir and not started and ranks.is_main:  # a start that failed leaves no half-made run
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
+
+
+def train_lockstep(cfgs: list[RunConfig], *, progress: bool | None = None) -> list[Summary]:
+    """Train several new single-process runs in one process, one optimizer step of each in turn.
+
+    Each run is what ``train(cfg)`` alone would make, to the bit: the runs take turns with the global RNGs
+    (python, numpy, torch), each its own, and every step is timed on its own. What it changes is when the
+    steps run: a machine that speeds up or slows down over the minutes a comparison takes (a shared VM, a
+    CPU's clock under heat) then touches every run alike, so their training seconds compare fairly, where
+    runs one after the other see different spells. A run that ends sooner stops taking turns.
+    """
+    for cfg in cfgs:
+        _checkpoint_to_resume(Path(cfg.train.out_dir), resume=False)  # refuse a directory holding a run
+    dirs = [Path(c.train.out_dir) for c in cfgs]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"lockstep runs need one output directory each, got {[str(d) for d in dirs]}")
+    new_dirs = [d for d in dirs if not d.exists()]
+    trainers, rngs = [], []
+    try:
+        for i, cfg in enumerate(cfgs):  # each seeds the global RNGs and builds its model, as train() would
+            trainers.append(Trainer(cfg, progress=progress))
+            trainers[-1].bar_options = {"position": i, "desc": f"{dirs[i].parent.name}/{dirs[i].name}"}
+            rngs.append(capture_rng())
+        active = [(i, t.fit_steps()) for i, t in enumerate(trainers)]
+        while active:
+            still = []
+            for i, steps in active:
+                restore_rng(rngs[i])
+                if next(steps, None) is not None:
+                    still.append((i, steps))
+                rngs[i] = capture_rng()
+            active = still
+    except Exception:
+        if not any(t.step for t in trainers):  # nothing trained: leave no half-made runs
+            for d in new_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    return [t.summary for t in trainers]
 
 
 def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Checkpoint | None:
