@@ -398,6 +398,70 @@ def test_layer_on_either_cpu_path_matches_the_reference(monkeypatch, threads, dt
     assert grads["experts.w13"][7].eq(0).all() and grads["experts.w2"][7].eq(0).all()
 
 
+# ------------------------------------------------------------------------- cache-sized chunks of experts
+
+
+CHUNK_KINDS = [(kind, bias, torch.float64) for kind in ("mlp", "swiglu") for bias in (False, True)]
+CHUNK_KINDS += [("swiglu", False, torch.float32)]
+
+
+@pytest.mark.parametrize("kind,bias,dtype", CHUNK_KINDS, ids=str)
+@pytest.mark.parametrize("in_major", [False, True], ids=["out_major", "in_major"])
+def test_chunked_experts_match_the_loop(monkeypatch, kind, bias, dtype, in_major):
+    """Chunks of consecutive experts (``cache_chunks``), empty experts inside and at the ends: the plain
+    loop's output and gradients, each gradient in its parameter's own layout."""
+    torch.manual_seed(0)
+    ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=6, kind=kind, bias=bias)).to(dtype)
+    if in_major:
+        for name, p in list(ex.named_parameters()):
+            setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
+    counts_E = torch.tensor([0, 5, 0, 2, 3, 0])
+    row_bytes = ex.first_weight().shape[-1] * dtype.itemsize
+    monkeypatch.setattr(experts, "CPU_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 4 * row_bytes)  # 4 rows a chunk, or one expert's more
+    x_ND = torch.randn(10, 8, dtype=dtype, requires_grad=True)
+    assert experts.cache_chunks(x_ND, counts_E, ex.first_weight()) == [(2, 5), (2, 2), (2, 3)]
+    calls = []
+    real = experts.Experts._forward_grouped
+    monkeypatch.setattr(experts.Experts, "_forward_grouped", lambda *a: calls.append(1) or real(*a))
+    params = [x_ND, *ex.parameters()]
+    y_NO = ex(x_ND, counts_E)
+    assert len(calls) == 3
+    cotangent = torch.randn_like(y_NO)
+    got = torch.autograd.grad(y_NO, params, cotangent)
+    want_y = experts_by_loop(ex, x_ND, counts_E)
+    want = torch.autograd.grad(want_y, params, cotangent)
+    torch.testing.assert_close(y_NO, want_y, **TOLERANCE[dtype])
+    for p, g, w in zip(params, got, want):
+        torch.testing.assert_close(g, w, **TOLERANCE[dtype])
+        assert g.stride() == p.stride()
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x_ND, counts_E), want_y, **TOLERANCE[dtype])
+
+
+def test_chunk_rule(monkeypatch):
+    """One pass below CPU_CHUNK_MIN_BYTES of activations (autocast's dtype counts), for linear experts (no
+    activations to keep in cache) and off the CPU; above it, chunks of about CPU_CHUNK_BYTES, each at least
+    one expert."""
+    x_ND = torch.zeros(12, 8)
+    w = torch.zeros(4, 8, 16)  # 64 bytes of float32 activation a row
+    counts = torch.tensor([6, 0, 1, 5])
+    assert experts.CPU_CHUNK_MIN_BYTES == 48 * 2**20 and experts.CPU_CHUNK_BYTES == 8 * 2**20
+    assert experts.cache_chunks(x_ND, counts, w) is None
+    monkeypatch.setattr(experts, "CPU_CHUNK_MIN_BYTES", 12 * 64 - 1)
+    monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 6 * 64)
+    assert experts.cache_chunks(x_ND, counts, w) == [(2, 6), (2, 6)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # half the bytes: one pass
+        assert experts.cache_chunks(x_ND, counts, w) is None
+    monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 64)  # smaller than one expert's rows: an expert a chunk,
+    assert experts.cache_chunks(x_ND, counts, w) == [(1, 6), (2, 1), (1, 5)]  # with the empty ones before it
+    linear = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind="linear"))
+    calls = []
+    monkeypatch.setattr(experts, "cache_chunks", lambda *a: calls.append(1))
+    linear(x_ND, counts)
+    assert not calls
+
+
 def test_pad_slots_place_rows_at_the_top_of_each_block():
     slot_N = experts.pad_slots(torch.tensor([2, 0, 3, 1]), capacity=3, N=6)
     assert slot_N.tolist() == [0, 1, 6, 7, 8, 9]
