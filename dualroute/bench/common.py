@@ -95,6 +95,18 @@ def synchronizer(device: torch.device) -> Callable[[], None] | None:
     return None
 
 
+def cache_flusher(device: torch.device, mib: int) -> Callable[[], None] | None:
+    """What overwrites ``mib`` MiB of memory on ``device`` before a timed call, so that every contender starts
+    with cold caches (None for 0). Without it a contender whose weights fit in the last-level cache is timed
+    on whatever the one timed before it left there: in a round-robin, its place in the order, not its code.
+    A model's layers evict one another's weights between two uses, so cold is also the realistic state. The
+    same practice as ``triton.testing.do_bench``, which zeroes a 256 MB buffer before each run on a GPU."""
+    if mib <= 0:
+        return None
+    buffer = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    return buffer.zero_
+
+
 # Environment variables that change how the process allocates memory or runs threads, and with that the
 # timings (glibc malloc's MALLOC_*_, PyTorch's huge-page switch, OpenMP / MKL threading, a preloaded allocator).
 TUNING_ENV = ("MALLOC_", "THP_MEM_ALLOC_ENABLE", "OMP_", "KMP_", "MKL_", "LD_PRELOAD")

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from .common import add_device_options, describe_device, dtype_name, synchronizer, write_json
+from .common import add_device_options, cache_flusher, describe_device, dtype_name, synchronizer, write_json
 from ..interop.swap import require_transformers
 
 _IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"dualroute bench hf: Mixtral-like MoE block D={args.dim} F={args.hidden} E={args.experts} "
               f"K={args.top_k} {dtype}, {describe_device(args.device, torch.get_num_threads())}, transformers "
               f"{transformers.__version__}, torch {torch.__version__}, matmul peak {peak_before:.1f} GFLOP/s "
-              f"({args.peak_size}x{args.peak_size} {dtype}, median of {_PEAK_RUNS})")
+              f"({args.peak_size}x{args.peak_size} {dtype}, median of {_PEAK_RUNS}), "
+              + (f"{args.flush_mib} MiB overwritten before each timed call" if args.flush_mib else "caches not flushed"))
     print(header, flush=True)
     records = []
     for T in args.tokens:
@@ -102,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help=f"also run {_PROFILE_STEPS} steps per contender under torch.profiler and report the "
                         "matmul share of self CPU time (--device cpu only)")
+    p.add_argument("--flush-mib", type=int, default=128, metavar="MIB",
+                   help="overwrite this many MiB before every timed call, so each contender starts with cold "
+                        "caches rather than with what the one before it left (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the measurements here")
     return p
@@ -116,6 +120,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--profile measures self CPU time and needs --device cpu, got --device {args.device}")
     if not args.tokens or min(args.tokens) < 1:
         p.error(f"--tokens must list integers >= 1, got {args.tokens}")
+    if args.flush_mib < 0:
+        p.error(f"--flush-mib must be >= 0, got {args.flush_mib}")
     for name in ("dim", "hidden", "experts", "top_k", "peak_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -222,13 +228,14 @@ def _measure(contenders: dict, T: int, mode: str, args: argparse.Namespace) -> l
                 print(f"T={T} {mode}: {n} {notes[n]}", flush=True)
     names = list(outputs)
     sync = synchronizer(args.device)
+    flush = cache_flusher(args.device, args.flush_mib)
     reference = outputs["dualroute"]
-    first = {n: _timed(contenders[n], x, grad, mode, sync) for n in names}
+    first = {n: _timed(contenders[n], x, grad, mode, sync, flush) for n in names}
     reps = max(3, min(50, int(args.budget / max(sum(first.values()), 1e-6))))
     times = {n: [first[n]] for n in names}
     for _ in range(reps - 1):
         for n in names:  # round-robin, so drifts in machine load hit every contender alike
-            times[n].append(_timed(contenders[n], x, grad, mode, sync))
+            times[n].append(_timed(contenders[n], x, grad, mode, sync, flush))
     shares = {n: matmul_share(contenders[n], x, grad, mode) for n in names} if args.profile else {}
     gflop = moe_flops(T, args.dim, args.hidden, args.experts, args.top_k, mode) / 1e9
     records = []
@@ -262,8 +269,11 @@ def _hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str, sync=None) -> float:
-    """Seconds of one step; ``sync`` (see ``common.synchronizer``) waits for the device first and last."""
+def _timed(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str, sync=None, flush=None) -> float:
+    """Seconds of one step; ``sync`` (see ``common.synchronizer``) waits for the device first and last, and
+    ``flush`` (``common.cache_flusher``) runs before the clock starts."""
+    if flush is not None:
+        flush()
     if sync is not None:
         sync()
     start = time.perf_counter()
