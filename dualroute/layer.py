@@ -5,6 +5,7 @@ Shapes: T tokens, D model dim, F expert hidden dim, E experts, G groups, K exper
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -115,16 +116,39 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MoEAux:
-    """Everything the layer decided, for losses, balancing and logging. Nothing is kept on the module."""
+    """Everything the layer decided, for losses, balancing and logging. Nothing is kept on the module.
+
+    ``losses`` (the unweighted aux losses whose weight in ``balance`` is > 0) and ``loss`` (0-dim float32:
+    the sum of weight * loss, to add to the task loss) are computed from ``routing`` when the layer ran with
+    gradients enabled, and otherwise when first read: inference that never reads them never pays for them
+    (at one decoded token they were 4-6% of the layer's time). ``given_losses`` replaces the computed ones
+    (expert parallelism's losses over every rank's tokens)."""
 
     routing: Routing
     tokens_per_expert_E: torch.Tensor  # routed rows per expert, before capacity
     tokens_per_group_G: torch.Tensor  # tokens per group (each token counts once per kept group)
     dropped_per_expert_E: torch.Tensor
     num_dropped: torch.Tensor  # 0-dim int64
-    losses: dict[str, torch.Tensor]  # unweighted aux losses whose weight is > 0
-    loss: torch.Tensor  # 0-dim float32: sum of weight * loss; add it to the task loss
+    balance: BalanceConfig = field(default_factory=BalanceConfig)  # which losses, and their weights
     mask_T: torch.Tensor | None = None  # the real-token mask the layer was given (None: every row is real)
+    given_losses: dict[str, torch.Tensor] | None = None
+
+    @functools.cached_property
+    def losses(self) -> dict[str, torch.Tensor]:
+        if self.given_losses is not None:
+            return self.given_losses
+        return aux_losses(self.routing, self.balance, self.mask_T)
+
+    @functools.cached_property
+    def loss(self) -> torch.Tensor:
+        return weighted_total(self.losses, self.balance, self.routing.expert_logits_TE)
+
+    def computed(self) -> MoEAux:
+        """This aux with its losses computed now if gradients are enabled (they then carry the gradient
+        whatever the mode at the time they are read)."""
+        if torch.is_grad_enabled():
+            self.loss  # noqa: B018 (cached_property: computes and keeps losses and loss)
+        return self
 
 
 class DenseFFN(nn.Module):
@@ -224,17 +248,15 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         if tokens_per_expert_E is None:
             tokens_per_expert_E = _bincount(routing.expert_ids_TK, cfg.num_experts, mask_T)
-        values = aux_losses(routing, cfg.balance, mask_T)
         return MoEAux(
             routing=routing,
             tokens_per_expert_E=tokens_per_expert_E,
             tokens_per_group_G=_bincount(routing.group_ids_TJ, cfg.num_groups, mask_T),
             dropped_per_expert_E=dropped_E,
             num_dropped=dropped_E.sum(),
-            losses=values,
-            loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
+            balance=cfg.balance,
             mask_T=mask_T,
-        )
+        ).computed()
 
     def _expert_choice(
         self, x_TD: torch.Tensor, routing: Routing, mask_T: torch.Tensor | None
@@ -244,17 +266,15 @@ class MoELayer(nn.Module):
         factor = cfg.eval_capacity_factor if not self.training and cfg.eval_capacity_factor else cfg.capacity_factor
         capacity = expert_choice_capacity(x_TD.shape[0], cfg.experts_per_token, cfg.num_experts, factor)
         choice = choose_tokens(routing, capacity, mask_T, cfg.router.scaling_factor)
-        values = aux_losses(choice.routing, cfg.balance, mask_T)
         aux = MoEAux(
             routing=choice.routing,
             tokens_per_expert_E=choice.tokens_per_expert_E,
             tokens_per_group_G=choice.tokens_per_group_G,
             dropped_per_expert_E=torch.zeros_like(choice.tokens_per_expert_E),
             num_dropped=choice.num_untaken,
-            losses=values,
-            loss=weighted_total(values, cfg.balance, routing.expert_logits_TE),
+            balance=cfg.balance,
             mask_T=mask_T,
-        )
+        ).computed()
         return run_experts(self.experts, x_TD, choice), aux
 
     def _capacities(self, T: int) -> tuple[int | None, int | None]:

@@ -60,6 +60,32 @@ def test_uniform_routing_gives_switch_loss_one():
     torch.testing.assert_close(aux.losses["group_switch"], scalar(1.0))
 
 
+def test_losses_wait_for_a_reader_only_without_gradients(monkeypatch):
+    """With gradients on, the losses are computed in the forward and keep their gradient when read under
+    no_grad; without, only when read (inference that reads none computes none), with the same values."""
+    from dualroute import layer as layer_module
+
+    calls = []
+    real = layer_module.aux_losses
+    monkeypatch.setattr(layer_module, "aux_losses", lambda *a: calls.append(1) or real(*a))
+    layer = make_layer(num_experts=8, experts_per_token=2, num_groups=2, groups_per_token=1,
+                       balance=BalanceConfig(switch=1e-2, group_switch=1e-2, z=1e-3))
+    x = random_input(10, D)
+    _, aux = layer(x)
+    assert calls == [1]
+    with torch.no_grad():
+        loss = aux.loss
+    assert loss.requires_grad and calls == [1]
+    for routed_rows in (10, 2):  # the dispatch path, and the direct path of a few rows
+        calls.clear()
+        with torch.no_grad():
+            _, lazy = layer(x[:routed_rows // 2])
+        assert calls == []
+        _, eager = layer(x[:routed_rows // 2])
+        torch.testing.assert_close(lazy.loss, eager.loss.detach())
+        assert lazy.losses.keys() == eager.losses.keys() == {"switch", "group_switch", "z"} and calls == [1, 1]
+
+
 def test_uniform_probabilities_alone_give_one_and_collapse_gives_e():
     # E * sum_i f_i P_i = sum_i f_i = 1 when P is uniform, whatever the counts (here all ties -> 2 experts)
     layer = zero_router(make_layer(num_experts=8, experts_per_token=2, balance=BalanceConfig(switch=1.0)))
@@ -319,7 +345,7 @@ def test_balance_metrics_hand_case():
     )
     aux = MoEAux(routing=routing, tokens_per_expert_E=torch.tensor([3, 1, 0, 0]),
                  tokens_per_group_G=torch.tensor([3, 1]), dropped_per_expert_E=torch.tensor([1, 0, 0, 0]),
-                 num_dropped=torch.tensor(1), losses={}, loss=torch.zeros(()))
+                 num_dropped=torch.tensor(1))
     got = balance_metrics(aux, prefix="l0/")
     want = {
         "l0/maxvio": 3 / 1 - 1,  # max / mean - 1, mean of (3, 1, 0, 0) = 1

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ..balance import global_aux_losses, weighted_total
+from ..balance import global_aux_losses
 from ..dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from ..experts import Experts
 from ..layer import MoEAux, MoELayer
@@ -159,11 +159,11 @@ class ExpertParallelMoELayer(MoELayer):
         balance losses are those of the whole batch (every rank of ``ep.balance_group``): one all-reduce of
         their per-unit sums, differentiable (``global_aux_losses``). Loads stay local."""
         aux = super().make_aux(routing, dropped_E, mask_T, tokens_per_expert_E)
-        if not self.ep.global_balance or not aux.losses:
+        if not self.ep.global_balance or not self.cfg.balance.active():
             return aux
         group = self.ep.balance_group
         values = global_aux_losses(routing, self.cfg.balance, mask_T, lambda v: all_reduce_sum(v, group))
-        return replace(aux, losses=values, loss=weighted_total(values, self.cfg.balance, routing.expert_logits_TE))
+        return replace(aux, given_losses=values).computed()
 
     def _capacity_plan(self, routing: Routing, T: int) -> DispatchPlan | None:
         """With a capacity, the local drop decision (capacity from the LOCAL token count, as the
