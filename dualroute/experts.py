@@ -371,19 +371,23 @@ def cpu_blocks(counts: list[int], threads: int) -> PaddedBlocks | None:
 # On this project's VM (AMD EPYC, 32 MiB L3, 2 threads) 8 experts of D=512, F=1024 on 8,192 rows (64 MiB of
 # activations) ran 1.19-1.22x faster per expert (forward, and forward with backward); at 32 MiB and below a
 # chunk per expert was level or slower, as each chunk adds a few small calls. transformers' per-expert loop
-# has this locality by construction: it is why its eager block beat the grouped matmul at T=4096.
+# has this locality by construction: it is why its eager block beat the grouped matmul at T=4096. Only where
+# the activations outweigh the weights (at least D rows per expert on average): each chunk's weight gradient
+# comes back in pieces that backward concatenates, and for 64 experts of D=512, F=1024 on 128 rows each
+# (384 MB of weights) that concatenation made the layer's training step 1.5x slower, not faster.
 CPU_CHUNK_MIN_BYTES = 48 * 2**20  # chunk only above this much activation, ...
 CPU_CHUNK_BYTES = 8 * 2**20  # ... into chunks of about this much (at least one expert each)
 
 
 def cache_chunks(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDF: torch.Tensor) -> list[tuple[int, int]] | None:
     """``(experts, rows)`` of each chunk of consecutive experts for ``Experts.forward`` on the CPU, or None for
-    one pass over all of them: below ``CPU_CHUNK_MIN_BYTES`` of hidden activations, on other devices, under
-    torch.compile."""
-    N, width = x_ND.shape[0], w1_EDF.shape[-1]
+    one pass over all of them: below ``CPU_CHUNK_MIN_BYTES`` of hidden activations, with fewer than D rows per
+    expert, on other devices, under torch.compile."""
+    (N, D), (E, width) = x_ND.shape, (w1_EDF.shape[0], w1_EDF.shape[-1])
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_ND.dtype
     row_bytes = width * dtype.itemsize
-    if x_ND.device.type != "cpu" or N * row_bytes <= CPU_CHUNK_MIN_BYTES or torch.compiler.is_compiling():
+    if (x_ND.device.type != "cpu" or N * row_bytes <= CPU_CHUNK_MIN_BYTES or N < E * D
+            or torch.compiler.is_compiling()):
         return None
     chunks, experts, rows = [], 0, 0
     for n in counts_E.tolist():

@@ -415,12 +415,12 @@ def test_chunked_experts_match_the_loop(monkeypatch, kind, bias, dtype, in_major
     if in_major:
         for name, p in list(ex.named_parameters()):
             setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
-    counts_E = torch.tensor([0, 5, 0, 2, 3, 0])
+    counts_E = torch.tensor([0, 25, 0, 10, 15, 0])  # 50 rows: at least D = 8 per expert
     row_bytes = ex.first_weight().shape[-1] * dtype.itemsize
     monkeypatch.setattr(experts, "CPU_CHUNK_MIN_BYTES", 0)
-    monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 4 * row_bytes)  # 4 rows a chunk, or one expert's more
-    x_ND = torch.randn(10, 8, dtype=dtype, requires_grad=True)
-    assert experts.cache_chunks(x_ND, counts_E, ex.first_weight()) == [(2, 5), (2, 2), (2, 3)]
+    monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 20 * row_bytes)  # 20 rows a chunk, or one expert's more
+    x_ND = torch.randn(50, 8, dtype=dtype, requires_grad=True)
+    assert experts.cache_chunks(x_ND, counts_E, ex.first_weight()) == [(2, 25), (2, 10), (2, 15)]
     calls = []
     real = experts.Experts._forward_grouped
     monkeypatch.setattr(experts.Experts, "_forward_grouped", lambda *a: calls.append(1) or real(*a))
@@ -440,11 +440,11 @@ def test_chunked_experts_match_the_loop(monkeypatch, kind, bias, dtype, in_major
 
 
 def test_chunk_rule(monkeypatch):
-    """One pass below CPU_CHUNK_MIN_BYTES of activations (autocast's dtype counts), for linear experts (no
-    activations to keep in cache) and off the CPU; above it, chunks of about CPU_CHUNK_BYTES, each at least
-    one expert."""
-    x_ND = torch.zeros(12, 8)
-    w = torch.zeros(4, 8, 16)  # 64 bytes of float32 activation a row
+    """One pass below CPU_CHUNK_MIN_BYTES of activations (autocast's dtype counts), with fewer than D rows per
+    expert, for linear experts (no activations to keep in cache) and off the CPU; else chunks of about
+    CPU_CHUNK_BYTES, each at least one expert."""
+    x_ND = torch.zeros(12, 3)
+    w = torch.zeros(4, 3, 16)  # 64 bytes of float32 activation a row
     counts = torch.tensor([6, 0, 1, 5])
     assert experts.CPU_CHUNK_MIN_BYTES == 48 * 2**20 and experts.CPU_CHUNK_BYTES == 8 * 2**20
     assert experts.cache_chunks(x_ND, counts, w) is None
@@ -455,10 +455,11 @@ def test_chunk_rule(monkeypatch):
         assert experts.cache_chunks(x_ND, counts, w) is None
     monkeypatch.setattr(experts, "CPU_CHUNK_BYTES", 64)  # smaller than one expert's rows: an expert a chunk,
     assert experts.cache_chunks(x_ND, counts, w) == [(1, 6), (2, 1), (1, 5)]  # with the empty ones before it
+    assert experts.cache_chunks(x_ND[:11], counts, w) is None  # fewer than D rows per expert
     linear = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind="linear"))
     calls = []
     monkeypatch.setattr(experts, "cache_chunks", lambda *a: calls.append(1))
-    linear(x_ND, counts)
+    linear(torch.zeros(12, 8), counts)
     assert not calls
 
 
