@@ -308,6 +308,8 @@ class MoELayer(nn.Module):
 
 def _bincount(ids_TK: torch.Tensor, n: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
     """How many (token, slot) pairs chose each of ``n`` units, padding excluded."""
+    if mask_T is None and ids_TK.device.type == "cpu":  # one call (on a GPU bincount would read its size back)
+        return torch.bincount(ids_TK.reshape(-1), minlength=n)
     ones_TK = torch.ones_like(ids_TK)
     if mask_T is not None:
         ones_TK = ones_TK * mask_T.unsqueeze(-1)

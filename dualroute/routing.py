@@ -165,7 +165,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         opt = self.opt
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        device_type = x_TD.device.type  # entering autocast costs more than the router at one token: only if on
+        with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NO_CONTEXT:
             x_TD = x_TD.to(routing_dtype(x_TD.dtype))
             if self.training and opt.jitter_eps > 0:
                 x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opt.jitter_eps, 1 + opt.jitter_eps)
@@ -243,6 +244,9 @@ class Router(nn.Module):
             group_logits_TG=group_logits_TG,
             group_scores_TG=group_scores_TG,
         )
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
