@@ -266,6 +266,28 @@ def experts_by_loop(ex: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor) -> 
     return torch.cat(pieces)
 
 
+def plain_layout(ex: Experts) -> None:
+    """Parameters as a loader that assigned plain (E, in, out) tensors leaves them: gradients must follow."""
+    for name, p in list(ex.named_parameters()):
+        setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
+
+
+def check_against_the_loop(ex: Experts, x_ND: torch.Tensor, counts_E: torch.Tensor, run, dtype: torch.dtype):
+    """``run(x_ND)`` and its gradients (input and every parameter) equal the plain loop's, each gradient in its
+    parameter's own layout (no copy when it is accumulated); returns those gradients and the loop's output."""
+    params = [x_ND, *ex.parameters()]
+    y_NO = run(x_ND)
+    cotangent = torch.randn_like(y_NO)
+    got = torch.autograd.grad(y_NO, params, cotangent)
+    want_y = experts_by_loop(ex, x_ND, counts_E)
+    want = torch.autograd.grad(want_y, params, cotangent)
+    torch.testing.assert_close(y_NO, want_y, **TOLERANCE[dtype])
+    for p, g, w in zip(params, got, want):
+        torch.testing.assert_close(g, w, **TOLERANCE[dtype])
+        assert g.stride() == p.stride()
+    return got, want_y
+
+
 PADDED_COUNTS = [[3, 0, 4, 4], [0, 0, 7, 0], [1, 0, 0, 6]]  # empty experts, uneven loads
 LAYOUTS = {  # name -> the padded layout of counts
     "one block": lambda c: experts.PaddedBlocks(((0, len(c), max(c)),)),
@@ -287,22 +309,12 @@ KINDS += [("swiglu", False, torch.float32), ("mlp", True, torch.float32)]
 def test_padded_experts_match_the_loop(kind, bias, dtype, counts, in_major, layout):
     torch.manual_seed(0)
     ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=4, kind=kind, bias=bias)).to(dtype)
-    if in_major:  # a loader that assigned plain (E, in, out) tensors: gradients must follow that layout
-        for name, p in list(ex.named_parameters()):
-            setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
+    if in_major:
+        plain_layout(ex)
     counts_E = torch.tensor(counts)
     blocks = LAYOUTS[layout](counts)
     x_ND = torch.randn(sum(counts), 8, dtype=dtype, requires_grad=True)
-    params = [x_ND, *ex.parameters()]
-    y_NO = ex._forward_padded(x_ND, counts_E, blocks)
-    cotangent = torch.randn_like(y_NO)
-    got = torch.autograd.grad(y_NO, params, cotangent)
-    want_y = experts_by_loop(ex, x_ND, counts_E)
-    want = torch.autograd.grad(want_y, params, cotangent)
-    torch.testing.assert_close(y_NO, want_y, **TOLERANCE[dtype])
-    for p, g, w in zip(params, got, want):
-        torch.testing.assert_close(g, w, **TOLERANCE[dtype])
-        assert g.stride() == p.stride()  # no layout copy when the gradient is accumulated
+    got, want_y = check_against_the_loop(ex, x_ND, counts_E, lambda x: ex._forward_padded(x, counts_E, blocks), dtype)
     for e in torch.nonzero(counts_E == 0).flatten().tolist():  # an expert without rows: exactly zero
         assert all(g[e].eq(0).all() for g in got[1:])
     with torch.no_grad():  # inference skips the autograd.Functions: same numbers
@@ -413,8 +425,7 @@ def test_chunked_experts_match_the_loop(monkeypatch, kind, bias, dtype, in_major
     torch.manual_seed(0)
     ex = Experts(ExpertConfig(dim=8, hidden=12, num_experts=6, kind=kind, bias=bias)).to(dtype)
     if in_major:
-        for name, p in list(ex.named_parameters()):
-            setattr(ex, name, torch.nn.Parameter(p.detach().contiguous()))
+        plain_layout(ex)
     counts_E = torch.tensor([0, 25, 0, 10, 15, 0])  # 50 rows: at least D = 8 per expert
     row_bytes = ex.first_weight().shape[-1] * dtype.itemsize
     monkeypatch.setattr(experts, "CPU_CHUNK_MIN_BYTES", 0)
@@ -424,17 +435,8 @@ def test_chunked_experts_match_the_loop(monkeypatch, kind, bias, dtype, in_major
     calls = []
     real = experts.Experts._forward_grouped
     monkeypatch.setattr(experts.Experts, "_forward_grouped", lambda *a: calls.append(1) or real(*a))
-    params = [x_ND, *ex.parameters()]
-    y_NO = ex(x_ND, counts_E)
+    _, want_y = check_against_the_loop(ex, x_ND, counts_E, lambda x: ex(x, counts_E), dtype)
     assert len(calls) == 3
-    cotangent = torch.randn_like(y_NO)
-    got = torch.autograd.grad(y_NO, params, cotangent)
-    want_y = experts_by_loop(ex, x_ND, counts_E)
-    want = torch.autograd.grad(want_y, params, cotangent)
-    torch.testing.assert_close(y_NO, want_y, **TOLERANCE[dtype])
-    for p, g, w in zip(params, got, want):
-        torch.testing.assert_close(g, w, **TOLERANCE[dtype])
-        assert g.stride() == p.stride()
     with torch.no_grad():
         torch.testing.assert_close(ex(x_ND, counts_E), want_y, **TOLERANCE[dtype])
 
