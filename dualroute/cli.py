@@ -18,6 +18,7 @@ from pathlib import Path
 
 _OVERRIDE = re.compile(r"^(--)?[A-Za-z_]\w*(\.\w+)+(=|$)")
 _EXPECTED = (ValueError, TypeError, KeyError, OSError, ImportError, ArithmeticError, RuntimeError)
+LOCKSTEP_TURN = 50  # compare --lockstep's steps per turn: ~10 s of the lm presets, warm caches within a turn
 
 
 class UsageError(Exception):
@@ -105,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train.steps for every run")
     p.add_argument("--lrs", metavar="LR,LR,...", help="learning-rate sweep: each preset trains the first seed at "
                    "each rate and keeps its best (lowest final val_loss) for all seeds")
-    p.add_argument("--lockstep", action="store_true", help="train each seed's presets together in one process, "
-                   "a step of each in turn, so that a machine whose speed drifts slows them alike (the fair way "
-                   "to compare training seconds on a shared machine); the results are the same runs, bit for bit")
+    p.add_argument("--lockstep", type=int, nargs="?", const=LOCKSTEP_TURN, default=None, metavar="N",
+                   help="train each seed's presets together in one process, N steps of each in turn (default "
+                   f"{LOCKSTEP_TURN}), so that a machine whose speed drifts over the minutes slows them alike; the "
+                   "runs are the same, bit for bit. Turns of 1 step make every step start with caches the other "
+                   "models filled, which slows them unequally")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
@@ -274,6 +277,8 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not presets or not seeds:
         raise UsageError("compare needs at least one preset and one seed")
+    if args.lockstep is not None and args.lockstep < 1:
+        raise UsageError(f"--lockstep takes the steps per turn, an integer >= 1, got {args.lockstep}")
     configs = preset_configs(presets, overrides, args.config)  # fail fast on a bad preset, key or file
     baseline = find_baseline(configs, args.baseline)
     if runs:

@@ -167,17 +167,21 @@ def test_compare_lockstep_trains_the_same_runs_side_by_side(tmp_path, monkeypatc
 
     rounds = []
     lockstep = trainer.train_lockstep
-    monkeypatch.setattr(trainer, "train_lockstep", lambda cfgs, **kw: rounds.append(len(cfgs)) or lockstep(cfgs, **kw))
+    monkeypatch.setattr(trainer, "train_lockstep",
+                        lambda cfgs, **kw: rounds.append((len(cfgs), kw["turn_steps"])) or lockstep(cfgs, **kw))
     tiny = ["--presets", "digits-dual,digits-dense", "--seeds", "0,1", "--steps", "2", "--quiet", "model.dim=16",
             "model.n_layers=1", "train.batch_size=16", "train.eval_every=1", "train.eval_batches=2"]
     assert main(["compare", *tiny, "--out", str(tmp_path / "seq")]) == 0 and rounds == []
-    assert main(["compare", *tiny, "--out", str(tmp_path / "lock"), "--lockstep"]) == 0 and rounds == [2, 2]
+    assert main(["compare", *tiny, "--out", str(tmp_path / "lock"), "--lockstep"]) == 0
+    assert rounds == [(2, 50), (2, 50)]  # a round per seed, 50 steps a turn by default
+    assert main(["compare", *tiny, "--out", str(tmp_path / "lock1"), "--lockstep", "1"]) == 0
+    assert rounds[2:] == [(2, 1), (2, 1)]
 
     def losses(out):
         runs = json.loads((out / "compare.json").read_text())
         return {p: [[e["val_loss"] for e in r["evals"]] for r in rs] for p, rs in runs.items()}
 
-    assert losses(tmp_path / "lock") == losses(tmp_path / "seq")
+    assert losses(tmp_path / "lock") == losses(tmp_path / "lock1") == losses(tmp_path / "seq")
 
 
 def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, monkeypatch):
@@ -217,6 +221,7 @@ def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, m
     (["compare", "--presets", "digits-dense", "--baseline", "lm-dense-small"], "--baseline lm-dense-small is not among"),
     (["compare", "--report-only", "--out", "nowhere"], "no nowhere/compare.json"),
     (["compare", "--presets", "digits-dense", "--seeds", "0,a"], "--seeds takes comma-separated integers, got '0,a'"),
+    (["compare", "--presets", "digits-dense", "--lockstep", "0"], "--lockstep takes the steps per turn, an integer >= 1"),
 ])
 def test_compare_errors_before_training(argv, message, capsys):
     assert main(argv) == 2

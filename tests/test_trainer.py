@@ -229,8 +229,10 @@ def test_resume_rejects_another_model(tmp_path):
         train(tiny_lm(tmp_path, "train.steps=2", "model.n_layers=1"), resume=True, progress=False)
 
 
-def test_lockstep_runs_are_the_runs_trained_alone(tmp_path):
-    """Interleaved a step at a time, each run keeps its own RNG (dropout, router noise): same logs, same weights."""
+@pytest.mark.parametrize("turn_steps", [1, 3])
+def test_lockstep_runs_are_the_runs_trained_alone(tmp_path, turn_steps):
+    """Interleaved a step or a few at a time, each run keeps its own RNG (dropout, router noise): same logs, same
+    weights."""
     common = ("model.dropout=0.1", "train.steps=4", "train.eval_every=2")
     noisy = ("model.moe.router.noisy_gating=true",)
     configs = {name: tiny_lm(tmp_path / "alone" / name, *common, *extra, f"train.seed={seed}", preset=preset)
@@ -238,7 +240,7 @@ def test_lockstep_runs_are_the_runs_trained_alone(tmp_path):
                                                  ("dual1", "lm-dual-small", noisy, 1)]}
     alone = {name: train(cfg, progress=False) for name, cfg in configs.items()}
     together = train_lockstep([override(c, [f"train.out_dir={tmp_path / 'lock' / n}"]) for n, c in configs.items()],
-                              progress=False)
+                              turn_steps=turn_steps, progress=False)
     for (name, a), b in zip(alone.items(), together):
         assert b.steps == 4 and b.metrics == a.metrics and b.train_time_s > 0
         logged = [{k: v for k, v in r.items() if k not in ("train_time", "elapsed", "tokens_per_s")}
@@ -252,6 +254,8 @@ def test_lockstep_runs_are_the_runs_trained_alone(tmp_path):
 
 def test_lockstep_refuses_shared_or_used_directories_before_training(tmp_path):
     cfg = tiny_lm(tmp_path / "a", "train.steps=1")
+    with pytest.raises(ValueError, match="turn_steps must be an integer >= 1, got 0"):
+        train_lockstep([cfg], turn_steps=0, progress=False)
     with pytest.raises(ValueError, match="one output directory each"):
         train_lockstep([cfg, cfg], progress=False)
     assert not (tmp_path / "a").exists()

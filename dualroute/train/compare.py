@@ -299,16 +299,17 @@ def _run_one(cfg: RunConfig, seed: int, preset: str, progress: bool) -> Run:
     return _record(cfg, seed, preset, train(cfg, progress=None if progress else False))
 
 
-def _run_lockstep(jobs: list[tuple[RunConfig, int, str]], progress: bool) -> list[Run]:
+def _run_lockstep(jobs: list[tuple[RunConfig, int, str]], turn_steps: int, progress: bool) -> list[Run]:
     from dualroute.train.trainer import train_lockstep
 
-    summaries = train_lockstep([cfg for cfg, _, _ in jobs], progress=None if progress else False)
+    summaries = train_lockstep([cfg for cfg, _, _ in jobs], turn_steps=turn_steps,
+                               progress=None if progress else False)
     return [_record(cfg, seed, preset, s) for (cfg, seed, preset), s in zip(jobs, summaries)]
 
 
 def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, baseline: str,
                 steps: int | None = None, progress: bool = True, lrs: list[float] | None = None,
-                lockstep: bool = False) -> str:
+                lockstep: int | None = None) -> str:
     """Train every config with every seed under ``out/<preset>/seed<s>``; write compare.md / .json / .png
     there and return the table.
 
@@ -316,7 +317,7 @@ def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, b
     and keeps the one with the lowest final val_loss for all seeds: each model at its own best rate.
 
     Runs go in rounds: one seed (or, in the sweep, one rate) of every preset. Without ``lockstep`` a round's
-    runs train one after the other; with it, together in one process, a step of each in turn
+    runs train one after the other; with ``lockstep=N``, together in one process, N steps of each in turn
     (``train_lockstep``), so that a machine whose speed drifts over the minutes slows them all alike.
     """
     def job(preset: str, seed: int, lr: float | None) -> tuple[RunConfig, int, str]:
@@ -326,8 +327,8 @@ def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, b
         return override(configs[preset], extra), seed, preset
 
     def round_of(jobs: list[tuple[RunConfig, int, str]]) -> list[Run]:
-        if lockstep:
-            return _run_lockstep(jobs, progress)
+        if lockstep is not None:
+            return _run_lockstep(jobs, lockstep, progress)
         return [_run_one(cfg, seed, preset, progress) for cfg, seed, preset in jobs]
 
     runs: Runs = {p: [] for p in configs}
