@@ -109,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lockstep", type=int, nargs="?", const=LOCKSTEP_TURN, default=None, metavar="N",
                    help="train each seed's presets together in one process, N steps of each in turn (default "
                    f"{LOCKSTEP_TURN}), so that a machine whose speed drifts over the minutes slows them alike; the "
-                   "runs are the same, bit for bit. Turns of 1 step make every step start with caches the other "
-                   "models filled, which slows them unequally")
+                   "runs are the same, bit for bit")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "

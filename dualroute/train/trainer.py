@@ -429,10 +429,9 @@ def train_lockstep(cfgs: list[RunConfig], *, turn_steps: int = 1, progress: bool
     CPU's clock under heat) then touches every run alike, so their training seconds compare fairly, where
     runs one after the other see different spells. A run that ends sooner stops taking turns.
 
-    Turns of a single step also make every step start with caches the other models filled: on a 2-core VM
-    with 32 MiB of L3 the presets' steps ran about 40% slower so, and the MoE models' more than the dense
-    twin's, whose whole training state fits in that cache when it runs alone. Turns of tens of steps (a few
-    seconds each, far shorter than the drift) keep the caches warm within a turn.
+    Turns of a single step start every step with caches the other models filled; turns of tens of steps (a
+    few seconds each, far shorter than the drift) keep them warm within a turn. On the lm presets (a 2-core
+    VM, 300 steps, docs/results.md) the two gave the same step times to within the machine's drift.
     """
     if isinstance(turn_steps, bool) or not isinstance(turn_steps, int) or turn_steps < 1:
         raise ValueError(f"turn_steps must be an integer >= 1, got {turn_steps!r}")
