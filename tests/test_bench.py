@@ -20,7 +20,7 @@ from dualroute.bench.common import (TUNING_ENV, Contender, describe_device, devi
                                     time_alternating)
 from dualroute.bench.generate import main as run_generate
 from dualroute.bench.layer import main as run_layer
-from dualroute.bench.layer import with_cpu_blocks
+from dualroute.bench.layer import with_cpu_blocks, without_chunks
 from dualroute.bench.lm import lm_train_step
 from dualroute.bench.lm import main as run_lm
 
@@ -69,9 +69,17 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["setup"]["T"] == 8
     assert result["e64_over_dense"] == pytest.approx(medians["scaling_E"]["moe_E64_K2"]
                                                      / medians["scaling_E"]["dense_F2x"])
+    chunks = medians["chunks_E8"]
+    assert result["one_pass_over_chunks_e8"] == pytest.approx(chunks["moe_E8_K2_one_pass"] / chunks["moe_E8_K2"])
     blocks = medians["blocks_E64"]  # on the CPU the opt-in padded blocks are timed too, in a round of their own
     assert set(blocks) == {"moe_E64_K2_blocks", "dense_F2x"}
     assert result["blocks_e64_over_dense"] == pytest.approx(blocks["moe_E64_K2_blocks"] / blocks["dense_F2x"])
+
+
+def test_without_chunks_turns_the_cache_sized_chunks_off_for_its_step():
+    seen = []
+    without_chunks(lambda: seen.append(experts.CPU_CHUNK_MIN_BYTES))()
+    assert seen == [float("inf")] and experts.CPU_CHUNK_MIN_BYTES == 48 * 2**20
 
 
 def test_with_cpu_blocks_turns_the_cpu_padded_blocks_on_for_its_step():

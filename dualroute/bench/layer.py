@@ -1,7 +1,9 @@
 """``dualroute bench layer``: one MoE layer's forward + backward against its fair baselines, side by side:
 the dense FFN of the same active size, the seed's all-experts mixture, flat top-k, more experts, larger K,
-and decode-sized inputs, each comparison in a round of its own. On the CPU the E=64 layer is also timed on
-the opt-in padded expert blocks (``experts.cpu_blocks``), against the dense FFN.
+and decode-sized inputs, each comparison in a round of its own. On the CPU the E=8 layer is also timed in one
+pass over its experts, without the cache-sized chunks (``experts.cache_chunks``; at T=4096 its activations
+are 64 MiB), and the E=64 layer on the opt-in padded expert blocks (``experts.cpu_blocks``), against the
+dense FFN.
 
 ``--device cuda`` runs on the GPU; ``--dtype`` sets the precision the modules and inputs are built in.
 """
@@ -36,6 +38,19 @@ class SeedMixture(nn.Module):
         for e in range(self.layer.cfg.num_experts):
             y_TD = y_TD + probs_TE[:, e : e + 1] * self.layer.experts.forward_one(e, x_TD)
         return y_TD
+
+
+def without_chunks(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the CPU's cache-sized expert chunks (``experts.cache_chunks``) off: one pass over all
+    experts, as before them."""
+    def run() -> None:
+        saved = experts.CPU_CHUNK_MIN_BYTES
+        experts.CPU_CHUNK_MIN_BYTES = float("inf")
+        try:
+            step()
+        finally:
+            experts.CPU_CHUNK_MIN_BYTES = saved
+    return run
 
 
 def _moe(D: int, F: int, E: int, K: int, G: int = 1, J: int = 1) -> MoELayer:
@@ -79,6 +94,11 @@ def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed:
         Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
         Contender("seed_all_experts_E8", train_step(SeedMixture(moe8), x_TD, g_TD)),
     ], repeats, sync=sync)
+    if device.type == "cpu":  # the same E=8 layer in one pass over its experts (no cache-sized chunks)
+        rounds["chunks_E8"] = time_alternating([
+            Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
+            Contender("moe_E8_K2_one_pass", without_chunks(train_step(moe8, x_TD, g_TD))),
+        ], repeats, sync=sync)
     rounds["dual_vs_flat"] = time_alternating([
         Contender("dual_G4_J2_E16_K2", train_step(on(_moe(D, F, 16, 2, G=4, J=2)), x_TD, g_TD)),
         Contender("flat_E16_K2", train_step(on(_moe(D, F, 16, 2)), x_TD, g_TD)),
@@ -119,6 +139,8 @@ def ratios(rounds: dict) -> dict[str, float]:
         "e64_over_e8": rounds["scaling_E"]["moe_E64_K2"] / rounds["scaling_E"]["moe_E8_K2"],
         "k4_over_k2": rounds["larger_K"]["moe_E8_K4"] / rounds["larger_K"]["moe_E8_K2"],
     }
+    if "chunks_E8" in rounds:  # > 1: the chunks are faster
+        r["one_pass_over_chunks_e8"] = rounds["chunks_E8"]["moe_E8_K2_one_pass"] / rounds["chunks_E8"]["moe_E8_K2"]
     if "blocks_E64" in rounds:
         r["blocks_e64_over_dense"] = rounds["blocks_E64"]["moe_E64_K2_blocks"] / rounds["blocks_E64"]["dense_F2x"]
     for n in (1, 16):
