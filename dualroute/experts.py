@@ -384,10 +384,11 @@ def cache_chunks(x_ND: torch.Tensor, counts_E: torch.Tensor, w1_EDF: torch.Tenso
     one pass over all of them: below ``CPU_CHUNK_MIN_BYTES`` of hidden activations, with fewer than D rows per
     expert, on other devices, under torch.compile."""
     (N, D), (E, width) = x_ND.shape, (w1_EDF.shape[0], w1_EDF.shape[-1])
+    if x_ND.device.type != "cpu" or N < E * D or torch.compiler.is_compiling():
+        return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_ND.dtype
     row_bytes = width * dtype.itemsize
-    if (x_ND.device.type != "cpu" or N * row_bytes <= CPU_CHUNK_MIN_BYTES or N < E * D
-            or torch.compiler.is_compiling()):
+    if N * row_bytes <= CPU_CHUNK_MIN_BYTES:
         return None
     chunks, experts, rows = [], 0, 0
     for n in counts_E.tolist():

@@ -256,6 +256,8 @@ def test_lockstep_refuses_shared_or_used_directories_before_training(tmp_path):
     cfg = tiny_lm(tmp_path / "a", "train.steps=1")
     with pytest.raises(ValueError, match="turn_steps must be an integer >= 1, got 0"):
         train_lockstep([cfg], turn_steps=0, progress=False)
+    with pytest.raises(ValueError, match=r"one thread count; got train.threads \[2, None\]"):
+        train_lockstep([cfg, tiny_lm(tmp_path / "c", "train.steps=1", "train.threads=2")], progress=False)
     with pytest.raises(ValueError, match="one output directory each"):
         train_lockstep([cfg, cfg], progress=False)
     assert not (tmp_path / "a").exists()

@@ -440,6 +440,10 @@ def train_lockstep(cfgs: list[RunConfig], *, turn_steps: int = 1, progress: bool
     dirs = [Path(c.train.out_dir) for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ValueError(f"lockstep runs need one output directory each, got {[str(d) for d in dirs]}")
+    threads = {c.train.threads for c in cfgs}
+    if len(threads) > 1:  # torch's thread count is one per process: the last run built would set it for all
+        raise ValueError(f"lockstep runs share one process and so one thread count; got train.threads "
+                         f"{sorted(threads, key=str)}")
     new_dirs = [d for d in dirs if not d.exists()]
     trainers, rngs = [], []
     try:
