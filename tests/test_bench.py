@@ -90,12 +90,20 @@ def test_with_cpu_blocks_turns_the_cpu_padded_blocks_on_for_its_step():
 
 
 def test_header_names_allocator_and_threading_settings(monkeypatch):
+    import dualroute.bench.common as common
+
     for name in [k for k in os.environ if k.startswith(TUNING_ENV)]:
         monkeypatch.delenv(name)
+    monkeypatch.setattr(common, "freed_memory_kept", lambda: {})
     assert describe_device(torch.device("cpu"), 2) == "cpu, 2 threads"
+    assert device_setup(torch.device("cpu"), 2)["malloc"] == {}
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     assert describe_device(torch.device("cpu"), 2) == "cpu, 2 threads, MALLOC_MMAP_MAX_=0"
     assert device_setup(torch.device("cpu"), 2)["env"] == {"MALLOC_MMAP_MAX_": "0"}
+    kept = {"mmap_threshold": 1 << 30, "trim_threshold": 2**31 - 1}
+    monkeypatch.setattr(common, "freed_memory_kept", lambda: kept)
+    assert describe_device(torch.device("cpu"), 2) == "cpu, 2 threads, malloc keeps freed memory, MALLOC_MMAP_MAX_=0"
+    assert device_setup(torch.device("cpu"), 2)["malloc"] == kept
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--presets", ","],

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..memory import freed_memory_kept
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,20 +120,23 @@ def tuning_env() -> dict[str, str]:
 
 
 def device_setup(device: torch.device, threads: int) -> dict:
-    """The device fields of a benchmark's JSON ``setup``; ``threads`` counts only on the CPU."""
+    """The device fields of a benchmark's JSON ``setup``; ``threads`` counts only on the CPU. ``malloc``: the
+    thresholds ``dualroute.memory.keep_freed_memory`` set (empty when malloc was left as it is)."""
     if device.type == "cuda":
         return {"device": str(device), "device_name": torch.cuda.get_device_name(device), "threads": None,
                 "cuda": torch.version.cuda, "float32_matmul_precision": torch.get_float32_matmul_precision(),
-                "env": tuning_env()}
+                "env": tuning_env(), "malloc": freed_memory_kept()}
     return {"device": "cpu", "device_name": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "threads": threads, "env": tuning_env()}
+            "threads": threads, "env": tuning_env(), "malloc": freed_memory_kept()}
 
 
 def describe_device(device: torch.device, threads: int) -> str:
-    """``cpu, 2 threads`` or ``cuda:0 (NVIDIA H200)``, for a header line, then any ``TUNING_ENV`` setting."""
-    env = " ".join(f"{k}={v}" for k, v in tuning_env().items())
+    """``cpu, 2 threads`` or ``cuda:0 (NVIDIA H200)``, for a header line, then whether malloc keeps freed
+    memory and any ``TUNING_ENV`` setting."""
     where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu, {threads} threads"
-    return f"{where}, {env}" if env else where
+    notes = ["malloc keeps freed memory"] if freed_memory_kept() else []
+    notes += [f"{k}={v}" for k, v in tuning_env().items()]
+    return ", ".join([where, *notes])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
