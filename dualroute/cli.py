@@ -3,7 +3,8 @@
 Config overrides are dotted ``key=value`` words (``train.steps=200``, ``--model.moe.num_experts=16``,
 ``--data.path corpus.txt``) anywhere on the command line. Expected failures (unknown preset or key, a
 missing checkpoint, a bad data path) print one ``error: ...`` line and exit with status 2; set
-``DUALROUTE_TRACEBACK=1`` to see the traceback instead.
+``DUALROUTE_TRACEBACK=1`` to see the traceback instead. At start the command has glibc's malloc keep freed
+memory for the next step (``dualroute.memory``; ``DUALROUTE_KEEP_FREED_MEMORY=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def _delegate(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        from dualroute.memory import keep_freed_memory_from_env
+
+        keep_freed_memory_from_env()  # freed tensors stay in the heap for the next step (dualroute/memory.py)
         target = _delegate(argv)
         if target is not None:
             import importlib
