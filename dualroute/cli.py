@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite compare.md and compare.png "
-                   "from the compare.json of an earlier compare in --out")
+                   "from the compare.json of an earlier compare in --out; without one, tabulate the finished runs "
+                   "of --presets x --seeds found in OUT/<preset>/seed<s> (e.g. trained separately with dualroute "
+                   "train ... train.seed=S --out OUT/<preset>/seedS) and write compare.json")
 
     sub.add_parser("bench", help="benchmarks: layer, lm, generate, balance, hf, ep, mt (dualroute bench layer --help)", add_help=False)
     sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute; a trained LM -> transformers "
@@ -269,10 +271,12 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from dualroute.train.compare import find_baseline, preset_configs, read_runs, run_compare, write_report
+    from dualroute.train.compare import (find_baseline, gather_runs, preset_configs, read_runs, run_compare,
+                                         write_report)
 
     out = Path(args.out)
-    runs = read_runs(out) if args.report_only else None
+    gathered = args.report_only and not (out / "compare.json").is_file()
+    runs = read_runs(out) if args.report_only and not gathered else None
     presets = list(runs) if runs else [p.strip() for p in args.presets.split(",") if p.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -280,6 +284,9 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if not presets or not seeds:
         raise UsageError("compare needs at least one preset and one seed")
+    if gathered:  # runs trained separately, in out/<preset>/seed<s>
+        runs = gather_runs(out, presets, seeds)
+        (out / "compare.json").write_text(json.dumps(runs, indent=1))
     if args.lockstep is not None and args.lockstep < 1:
         raise UsageError(f"--lockstep takes the steps per turn, an integer >= 1, got {args.lockstep}")
     configs = preset_configs(presets, overrides, args.config)  # fail fast on a bad preset, key or file
@@ -289,7 +296,8 @@ def cmd_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         print(run_compare(configs, seeds, out, baseline=baseline, steps=args.steps, progress=not args.quiet,
                           lrs=_lrs(args.lrs), lockstep=args.lockstep))
-    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}" + ("" if runs else f", {out / 'compare.json'}"))
+    written = "" if runs and not gathered else f", {out / 'compare.json'}"
+    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'}{written}")
     return 0
 
 

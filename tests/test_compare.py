@@ -162,6 +162,34 @@ def test_compare_command_with_config_file(tmp_path, capsys):
     assert (out / "compare.md").read_text() == table and "compare.json" not in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_report_only_gathers_runs_trained_separately(tmp_path, capsys):
+    tiny = ["train.steps=2", "model.dim=16", "model.n_layers=1", "train.batch_size=16", "train.eval_every=1",
+            "train.eval_batches=2", "--quiet"]
+    out = tmp_path / "cmp"
+    for preset in ("digits-dense", "digits-dual"):  # as two processes, or two machines, would train them
+        assert main(["train", preset, "train.seed=0", "--out", str(tmp_path / "elsewhere" / preset), *tiny]) == 0
+        (out / preset).mkdir(parents=True)
+        (tmp_path / "elsewhere" / preset).rename(out / preset / "seed0")  # moved after training
+    capsys.readouterr()
+    argv = ["compare", "--report-only", "--presets", "digits-dense,digits-dual", "--seeds", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert "compare.json" in capsys.readouterr().out.splitlines()[-1]
+    runs = json.loads((out / "compare.json").read_text())
+    assert [(r["preset"], r["seed"]) for rs in runs.values() for r in rs] == [("digits-dense", 0), ("digits-dual", 0)]
+    logged = [json.loads(line) for line in (out / "digits-dual" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["val_loss"] for e in runs["digits-dual"][0]["evals"]] == [r["val_loss"] for r in logged if "val_loss" in r]
+    assert runs["digits-dual"][0]["summary"]["params_total"] > runs["digits-dense"][0]["summary"]["params_total"]
+    assert "| digits-dual |" in (out / "compare.md").read_text()
+    assert main(argv + ["--seeds", "0,1"]) == 0  # compare.json exists now: the report is rewritten from it
+    (out / "compare.json").unlink()
+    assert main(argv[:-2] + ["--seeds", "0,1", "--out", str(out)]) == 2
+    assert f"no finished run (summary.json) in {out / 'digits-dense' / 'seed1'}" in capsys.readouterr().err
+    (out / "digits-dual" / "seed0").rename(out / "digits-dual" / "seed3")
+    (out / "digits-dense" / "seed0").rename(out / "digits-dense" / "seed3")
+    assert main(argv[:-4] + ["--seeds", "3", "--out", str(out)]) == 2
+    assert "was trained with train.seed=0, not 3" in capsys.readouterr().err
+
+
 def test_compare_lockstep_trains_the_same_runs_side_by_side(tmp_path, monkeypatch):
     from dualroute.train import trainer
 
@@ -219,7 +247,7 @@ def test_compare_learning_rate_sweep_keeps_each_presets_best(tmp_path, capsys, m
     (["compare", "--presets", "digits-dual,digits-flat"], "no dense preset among digits-dual, digits-flat"),
     (["compare", "--presets", "digits-dual", "--config", "missing.toml"], "config file not found: missing.toml"),
     (["compare", "--presets", "digits-dense", "--baseline", "lm-dense-small"], "--baseline lm-dense-small is not among"),
-    (["compare", "--report-only", "--out", "nowhere"], "no nowhere/compare.json"),
+    (["compare", "--report-only", "--out", "nowhere"], "no finished run (summary.json) in nowhere/lm-dense/seed0"),
     (["compare", "--presets", "digits-dense", "--seeds", "0,a"], "--seeds takes comma-separated integers, got '0,a'"),
     (["compare", "--presets", "digits-dense", "--lockstep", "0"], "--lockstep takes the steps per turn, an integer >= 1"),
 ])

@@ -286,17 +286,44 @@ def plot_compare(runs: Runs, path: Path, baseline: str) -> None:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def _record(cfg: RunConfig, seed: int, preset: str, summary) -> Run:
+def _record(cfg: RunConfig, seed: int, preset: str, summary: dict[str, Any]) -> Run:
     from dualroute.train.metrics_log import read_jsonl
 
     evals = [r for r in read_jsonl(Path(cfg.train.out_dir) / "metrics.jsonl") if "val_loss" in r]
-    return {"preset": preset, "seed": seed, "lr": cfg.train.lr, "summary": summary.to_dict(), "evals": evals}
+    return {"preset": preset, "seed": seed, "lr": cfg.train.lr, "summary": summary, "evals": evals}
+
+
+def gather_runs(out: Path, presets: list[str], seeds: list[int]) -> Runs:
+    """The finished runs under ``out/<preset>/seed<s>``, where ``run_compare`` puts them: for runs trained
+    separately (``dualroute train <preset> train.seed=<s> --out out/<preset>/seed<s>``, e.g. in parallel
+    processes or on other machines), or by a compare stopped before it wrote compare.json. A run is finished
+    when it has written ``summary.json``; one that is missing, or trained with another seed, is an error
+    naming its directory."""
+    from dualroute.train.trainer import read_saved_config
+
+    runs: Runs = {}
+    missing = []
+    for preset in presets:
+        for seed in seeds:
+            where = out / preset / f"seed{seed}"
+            if not (where / "summary.json").is_file():
+                missing.append(str(where))
+                continue
+            cfg = read_saved_config(where / "config.json")
+            if cfg.train.seed != seed:
+                raise ValueError(f"{where} was trained with train.seed={cfg.train.seed}, not {seed}")
+            cfg = override(cfg, [f"train.out_dir={where}"])  # the run may have moved since it was trained
+            summary = json.loads((where / "summary.json").read_text(encoding="utf-8"))
+            runs.setdefault(preset, []).append(_record(cfg, seed, preset, summary))
+    if missing:
+        raise FileNotFoundError(f"no finished run (summary.json) in {', '.join(missing)}")
+    return runs
 
 
 def _run_one(cfg: RunConfig, seed: int, preset: str, progress: bool) -> Run:
     from dualroute.train.trainer import train
 
-    return _record(cfg, seed, preset, train(cfg, progress=None if progress else False))
+    return _record(cfg, seed, preset, train(cfg, progress=None if progress else False).to_dict())
 
 
 def _run_lockstep(jobs: list[tuple[RunConfig, int, str]], turn_steps: int, progress: bool) -> list[Run]:
@@ -304,7 +331,7 @@ def _run_lockstep(jobs: list[tuple[RunConfig, int, str]], turn_steps: int, progr
 
     summaries = train_lockstep([cfg for cfg, _, _ in jobs], turn_steps=turn_steps,
                                progress=None if progress else False)
-    return [_record(cfg, seed, preset, s) for (cfg, seed, preset), s in zip(jobs, summaries)]
+    return [_record(cfg, seed, preset, s.to_dict()) for (cfg, seed, preset), s in zip(jobs, summaries)]
 
 
 def run_compare(configs: dict[str, RunConfig], seeds: list[int], out: Path, *, baseline: str,
