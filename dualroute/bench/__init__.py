@@ -10,6 +10,8 @@
                  (needs transformers)
     ep.py        dualroute bench ep: bytes sent and step time of expert parallelism, flat vs dual-layer
     mt.py        dualroute bench mt: the encoder-decoder presets' training step vs their dense twin
+    scaling.py   dualroute bench scaling: E = 8..64 experts, flat vs dual-layer at a fixed active size:
+                 trains them (resumable), then loss at equal steps and time, step time, router share, EP bytes
 
 ``common.py`` holds what they share (device/dtype arguments, round-robin timing). A sub-command's module
 is imported only when it runs, so importing this package does not import transformers (an optional
@@ -21,7 +23,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("layer", "lm", "generate", "balance", "hf", "ep", "mt")  # each a module here with main(argv) -> int
+BENCHES = ("layer", "lm", "generate", "balance", "hf", "ep", "mt", "scaling")  # each a module here with main(argv) -> int
 
 
 def main(argv: list[str] | None = None) -> int:

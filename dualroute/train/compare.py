@@ -37,7 +37,8 @@ def is_dense_twin(cfg: RunConfig) -> bool:
     return cfg.model.moe is None
 
 
-def _twin_overrides(overrides: list[str]) -> list[str]:
+def twin_overrides(overrides: list[str]) -> list[str]:
+    """The overrides as a dense twin takes them: ``model.moe.*`` applies to ``model.dense_twin_of``."""
     return [re.sub(r"^(--)?model\.moe\.", r"\1model.dense_twin_of.", o) for o in overrides]
 
 
@@ -67,7 +68,7 @@ def preset_configs(presets: list[str], overrides: list[str], config_file: str | 
         cfg = get_preset(name)
         if mapping is not None:
             cfg = apply_config_mapping(cfg, _preset_mapping(cfg, mapping), str(config_file))
-        configs[name] = override(cfg, _twin_overrides(overrides) if is_dense_twin(cfg) else overrides)
+        configs[name] = override(cfg, twin_overrides(overrides) if is_dense_twin(cfg) else overrides)
     return configs
 
 
