@@ -69,6 +69,9 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["setup"]["T"] == 8
     assert result["e64_over_dense"] == pytest.approx(medians["scaling_E"]["moe_E64_K2"]
                                                      / medians["scaling_E"]["dense_F2x"])
+    w = medians["weights_E64"]
+    assert result["e64_traffic_floor_over_dense"] == pytest.approx(
+        1 + (w["weight_traffic_E64"] - w["weight_traffic_dense"]) / w["dense_F2x"])
     chunks = medians["chunks_E8"]
     assert result["one_pass_over_chunks_e8"] == pytest.approx(chunks["moe_E8_K2_one_pass"] / chunks["moe_E8_K2"])
     blocks = medians["blocks_E64"]  # on the CPU the opt-in padded blocks are timed too, in a round of their own

@@ -1,9 +1,10 @@
 """``dualroute bench layer``: one MoE layer's forward + backward against its fair baselines, side by side:
 the dense FFN of the same active size, the seed's all-experts mixture, flat top-k, more experts, larger K,
-and decode-sized inputs, each comparison in a round of its own. On the CPU the E=8 layer is also timed in one
-pass over its experts, without the cache-sized chunks (``experts.cache_chunks``; at T=4096 its activations
-are 64 MiB), and the E=64 layer on the opt-in padded expert blocks (``experts.cpu_blocks``), against the
-dense FFN.
+and decode-sized inputs, each comparison in a round of its own; and the least memory traffic E=64's weights
+cost a training step (``e64_traffic_floor_over_dense``: the E=64 ratio if that traffic were its only extra
+cost). On the CPU the E=8 layer is also timed in one pass over its experts, without the cache-sized chunks
+(``experts.cache_chunks``; at T=4096 its activations are 64 MiB), and the E=64 layer on the opt-in padded
+expert blocks (``experts.cpu_blocks``), against the dense FFN.
 
 ``--device cuda`` runs on the GPU; ``--dtype`` sets the precision the modules and inputs are built in.
 """
@@ -51,6 +52,20 @@ def without_chunks(step: Callable[[], None]) -> Callable[[], None]:
         finally:
             experts.CPU_CHUNK_MIN_BYTES = saved
     return run
+
+
+def weight_traffic(module: nn.Module) -> Callable[[], None]:
+    """The memory traffic a training step of ``module`` cannot avoid, whatever its kernels: every weight read
+    twice (the forward, and the backward's input gradient) and a gradient as large written once. Timed beside
+    the layers, it is the part of a step that grows with the parameters rather than with the compute."""
+    weights = [w.detach() for w in module.parameters()]
+    grads = [torch.empty_like(w) for w in weights]
+
+    def step() -> None:
+        for w, g in zip(weights, grads):
+            g.copy_(w)  # one read, one write
+            w.sum()  # the second read
+    return step
 
 
 def _moe(D: int, F: int, E: int, K: int, G: int = 1, J: int = 1) -> MoELayer:
@@ -113,6 +128,12 @@ def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed:
         Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
         Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
     ], repeats, sync=sync)
+    # What E=64's 32x weights cost in memory traffic alone, beside the dense FFN's step (see ``ratios``).
+    rounds["weights_E64"] = time_alternating([
+        Contender("weight_traffic_E64", weight_traffic(moe64)),
+        Contender("weight_traffic_dense", weight_traffic(dense)),
+        Contender("dense_F2x", train_step(dense, x_TD, g_TD)),
+    ], repeats, sync=sync)
     rounds["larger_K"] = time_alternating([
         Contender("moe_E8_K4", train_step(on(_moe(D, F, 8, 4)), x_TD, g_TD)),
         Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
@@ -139,6 +160,9 @@ def ratios(rounds: dict) -> dict[str, float]:
         "e64_over_e8": rounds["scaling_E"]["moe_E64_K2"] / rounds["scaling_E"]["moe_E8_K2"],
         "k4_over_k2": rounds["larger_K"]["moe_E8_K4"] / rounds["larger_K"]["moe_E8_K2"],
     }
+    # The ratio E=64 would have if moving its weights and gradients were all it cost beyond the dense FFN.
+    w = rounds["weights_E64"]
+    r["e64_traffic_floor_over_dense"] = 1 + (w["weight_traffic_E64"] - w["weight_traffic_dense"]) / w["dense_F2x"]
     if "chunks_E8" in rounds:  # > 1: the chunks are faster
         r["one_pass_over_chunks_e8"] = rounds["chunks_E8"]["moe_E8_K2_one_pass"] / rounds["chunks_E8"]["moe_E8_K2"]
     if "blocks_E64" in rounds:
