@@ -16,8 +16,8 @@ from dualroute import layer as layer_mod
 from dualroute import routing
 from dualroute import bench
 from dualroute.bench import hf as bench_hf
-from dualroute.bench.common import (TUNING_ENV, Contender, describe_device, device_setup, synchronizer,
-                                    time_alternating)
+from dualroute.bench.common import (TUNING_ENV, Contender, describe_device, device_setup, page_faults,
+                                    synchronizer, time_alternating)
 from dualroute.bench.generate import main as run_generate
 from dualroute.bench.layer import main as run_layer
 from dualroute.bench.layer import with_cpu_blocks, without_chunks
@@ -69,6 +69,8 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     assert result["setup"]["T"] == 8
     assert result["e64_over_dense"] == pytest.approx(medians["scaling_E"]["moe_E64_K2"]
                                                      / medians["scaling_E"]["dense_F2x"])
+    assert set(result["minor_faults_per_step"]) == {"moe_E64_K2", "moe_E8_K2", "dense_F2x"}
+    assert all(v >= 0 for v in result["minor_faults_per_step"].values())
     w = medians["weights_E64"]
     assert result["e64_traffic_floor_over_dense"] == pytest.approx(
         1 + (w["weight_traffic_E64"] - w["weight_traffic_dense"]) / w["dense_F2x"])
@@ -77,6 +79,19 @@ def test_bench_layer_ratios(tmp_path, one_thread):
     blocks = medians["blocks_E64"]  # on the CPU the opt-in padded blocks are timed too, in a round of their own
     assert set(blocks) == {"moe_E64_K2_blocks", "dense_F2x"}
     assert result["blocks_e64_over_dense"] == pytest.approx(blocks["moe_E64_K2_blocks"] / blocks["dense_F2x"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="getrusage is POSIX")
+def test_page_faults_count_the_pages_a_step_maps_afresh():
+    import mmap
+
+    def fresh_pages() -> None:  # a new anonymous mapping every call, written page by page: 2048 faults
+        with mmap.mmap(-1, 8 * 2**20) as m:
+            for i in range(0, len(m), mmap.PAGESIZE):
+                m[i] = 1
+
+    faults = page_faults([Contender("fresh", fresh_pages), Contender("none", lambda: None)], steps=2, warmup=1)
+    assert faults["fresh"] >= 8 * 2**20 // mmap.PAGESIZE and faults["none"] < 64
 
 
 def test_without_chunks_turns_the_cache_sized_chunks_off_for_its_step():

@@ -173,6 +173,25 @@ def train_step(module: nn.Module, x_TD: torch.Tensor, grad_TD: torch.Tensor,
     return step
 
 
+def page_faults(contenders: list[Contender], steps: int = 3, warmup: int = 2) -> dict[str, float]:
+    """Minor page faults per call of each contender (``getrusage``), after ``warmup`` calls; empty where the
+    platform has no ``resource`` module. Faults are counted, not timed, so a busy machine does not change them:
+    each is a page the kernel maps and zeroes because the allocator handed out memory it had returned."""
+    try:
+        import resource
+    except ImportError:
+        return {}
+    faults = {}
+    for c in contenders:
+        for _ in range(warmup):
+            c.step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            c.step()
+        faults[c.name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+    return faults
+
+
 def infer_step(module: nn.Module, x_TD: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         with torch.inference_mode():

@@ -20,7 +20,7 @@ from torch import nn
 from .. import experts
 from ..layer import DenseFFN, MoEConfig, MoELayer
 from .common import (Contender, add_device_options, describe_device, device_setup, dtype_name, infer_step,
-                     parse_counts, synchronizer, time_alternating, train_step, write_json)
+                     page_faults, parse_counts, synchronizer, time_alternating, train_step, write_json)
 
 
 class SeedMixture(nn.Module):
@@ -86,8 +86,9 @@ def with_cpu_blocks(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed: int = 0,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Median seconds of each round's contenders; modules and inputs live on ``device`` in ``dtype``.
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """Median seconds of each round's contenders, and on the CPU the minor page faults per training step of
+    the E=64 and E=8 layers and the dense FFN; modules and inputs live on ``device`` in ``dtype``.
 
     Weights and inputs are drawn on the CPU (the same numbers whatever the device), then moved."""
     device = torch.device(device)
@@ -148,7 +149,10 @@ def bench_layer(T: int, D: int, F: int, repeats: int, decode_repeats: int, seed:
             Contender("moe_E8_K2", infer_step(moe8, x_TD[:n])),
             Contender("dense_F2x", infer_step(dense, x_TD[:n])),
         ], decode_repeats, warmup=5, sync=sync)
-    return rounds
+    faults = page_faults([Contender("moe_E64_K2", train_step(moe64, x_TD, g_TD)),
+                          Contender("moe_E8_K2", train_step(moe8, x_TD, g_TD)),
+                          Contender("dense_F2x", train_step(dense, x_TD, g_TD))]) if device.type == "cpu" else {}
+    return rounds, faults
 
 
 def ratios(rounds: dict) -> dict[str, float]:
@@ -199,8 +203,8 @@ def main(argv: list[str]) -> int:
     add_device_options(p, "weights and inputs (default float32)")
     p.add_argument("--json", metavar="PATH")
     args = parse_counts(p, argv, ("tokens", "dim", "hidden", "repeats", "decode_repeats", "threads"))
-    rounds = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats,
-                         device=args.device, dtype=args.dtype)
+    rounds, faults = bench_layer(args.tokens, args.dim, args.hidden, args.repeats, args.decode_repeats,
+                                 device=args.device, dtype=args.dtype)
     setup = device_setup(args.device, args.threads)
     result = {
         "setup": {
@@ -211,12 +215,16 @@ def main(argv: list[str]) -> int:
                       + (", after torch.cuda.synchronize()" if args.device.type == "cuda" else ""),
         },
         "medians_s": rounds,
+        "minor_faults_per_step": faults,
         **ratios(rounds),
     }
     print(f"dualroute bench layer: T={args.tokens} D={args.dim} F={args.hidden} {dtype_name(args.dtype)}, "
           f"{describe_device(args.device, args.threads)}, torch {torch.__version__}")
     for group, medians in rounds.items():
         print(f"  {group}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in medians.items()))
+    if faults:
+        print("  minor page faults per training step: " + ", ".join(
+            f"{k} {v:,.0f} ({v * 4096 / 2**20:,.0f} MiB of 4 KiB pages)" for k, v in faults.items()))
     for key, value in ratios(rounds).items():
         print(f"  {key:28s} {value:6.3f}  {_verdict(key, value)}")
     if args.json:
