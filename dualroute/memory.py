@@ -5,10 +5,10 @@ glibc's ``malloc`` (the allocator PyTorch's CPU tensors come from on Linux) serv
 threshold (128 KiB, raised as the program runs to at most 32 MiB) with a fresh ``mmap`` and unmaps it on
 ``free``. Every such tensor is then page-faulted and zeroed by the kernel each time it is allocated again. A
 training step allocates its large activations and all its weight gradients afresh, so the cost grows with the
-parameters, not with the active compute: measured with ``resource.getrusage`` on this project's 2-core VM,
-one forward+backward of an E=64 MoE layer at T=4096, D=512, F=1024 took 185K minor page faults (723 MiB of
-4 KiB pages) and 0.45 s of kernel time, against 71K faults and 0.19 s for the dense FFN of the same active
-size. With the thresholds below (and a few warm-up steps) both fall to about nothing.
+parameters, not with the active compute: ``dualroute bench layer`` counts 65K-109K minor page faults (256-427
+MiB of 4 KiB pages) per training step of an E=64 MoE layer at T=4096, D=512, F=1024 without the thresholds
+below, none with them, and the layer's step falls from 1.31-1.41x to 1.13-1.18x the dense FFN's
+(docs/benchmarks.md).
 
 ``keep_freed_memory()`` raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB with
 ``mallopt``: freed blocks stay in the heap for the next step, as jemalloc or tcmalloc would keep them. The cost
