@@ -37,7 +37,7 @@ def test_every_bench_answers_help(name, capsys):
 
 def test_unknown_bench_is_a_usage_error(capsys):
     assert bench.main(["nope"]) == 2 and bench.main([]) == 2
-    assert "usage: dualroute bench {layer,lm,generate,balance,hf,ep,mt}" in capsys.readouterr().err
+    assert "usage: dualroute bench {layer,lm,generate,balance,hf,ep,mt,scaling}" in capsys.readouterr().err
 
 
 def test_importing_bench_does_not_import_transformers():

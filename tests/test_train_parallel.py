@@ -199,12 +199,31 @@ def faulty(rank: int, world: int, out: str, how: str) -> None:
                 (out / "died.txt").write_text(str(time.time()))
         os._exit(0)  # die as an uncaught exception would (exit 0: run_workers keeps the other rank)
     try:
-        train(cfg, progress=False, expert_parallel=world)
+        with entering_step(3, out):
+            train(cfg, progress=False, expert_parallel=world)
         message = "no error"
     except RuntimeError as e:
         message = str(e)
     (out / "survivor.txt").write_text(f"{time.time()}\n{message}")
     os._exit(0)  # the group is broken; skip destroy_process_group
+
+
+@contextmanager
+def entering_step(step: int, out: Path):
+    """Record when this rank starts step ``step``: a slow checkpoint write (fsync on a busy disk) can hold it
+    back after the other rank has already stalled, and that wait is not the collective's timeout."""
+    original = Trainer.train_step
+
+    def enter(self):
+        if self.step == step - 1:
+            (out / "entered.txt").write_text(str(time.time()))
+        return original(self)
+
+    Trainer.train_step = enter
+    try:
+        yield
+    finally:
+        Trainer.train_step = original
 
 
 @contextmanager
@@ -261,7 +280,9 @@ def test_a_failing_rank_stops_the_other_and_keeps_the_last_checkpoint(tmp_path, 
     failed, message = (tmp_path / "survivor.txt").read_text().split("\n", 1)
     survivor = 1 if how == "rank0_saving" else 0
     assert message.startswith(f"rank {survivor} of 2 stopped:") and "--resume" in message, message
-    waited = float(failed) - died  # a dead peer: at once; a stalled one: the timeout
+    entered = tmp_path / "entered.txt"  # the survivor started the step the other rank never joined
+    since = max(died, float(entered.read_text())) if entered.exists() else died
+    waited = float(failed) - since  # a dead peer: at once; a stalled one: the timeout
     low = FAULT_TIMEOUT_S - 1 if how == "rank1_stalls" else 0.0
     assert low < waited < FAULT_TIMEOUT_S + 3, waited
     run = tmp_path / "run"
