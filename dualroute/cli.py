@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of --presets x --seeds found in OUT/<preset>/seed<s> (e.g. trained separately with dualroute "
                    "train ... train.seed=S --out OUT/<preset>/seedS) and write compare.json")
 
-    sub.add_parser("bench", help="benchmarks: layer, lm, generate, balance, hf, ep, mt (dualroute bench layer --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: layer, lm, generate, balance, hf, ep, mt, scaling (dualroute bench layer --help)", add_help=False)
     sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> dualroute; a trained LM -> transformers "
                    "(dualroute convert --help)",
                    add_help=False)
