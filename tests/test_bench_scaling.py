@@ -79,6 +79,12 @@ def test_a_failed_run_is_named_with_its_log(tmp_path, monkeypatch):
         scaling.train_missing([Model("flat-E4", "lm-flat", 4, 1, 1)], [0], tmp_path, [], jobs=1)
 
 
+def test_a_world_that_cannot_share_the_experts_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("trained before checking --world"))
+    with pytest.raises(ValueError, match="--world 3 does not divide flat-E4's 4 experts"):
+        scaling.main(["--experts", "4", "--groups", "2", "--world", "3", "--out", str(tmp_path), *TINY])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--experts", "8,x"], "--experts takes comma-separated integers"),
     (["--groups", "0"], "--groups takes integers >= 1"),

@@ -199,15 +199,20 @@ def _bytes_rank(rank: int, world: int, jobs: list[tuple[str, object]], tokens: i
         Path(out).write_text(json.dumps(rows))
 
 
+def check_world(configs: dict, world: int) -> None:
+    """A ValueError naming the first model whose experts ``world`` processes cannot share evenly."""
+    for name, cfg in configs.items():
+        if cfg.model.moe is not None and cfg.model.moe.num_experts % world:
+            raise ValueError(f"--world {world} does not divide {name}'s {cfg.model.moe.num_experts} experts")
+
+
 def expert_parallel_bytes(configs: dict, world: int, tokens: int, timeout: float = 300.0) -> dict:
     """Per MoE model: the bytes a rank sends to the others per token per training step of one of its MoE
     layers, and the remote (token, rank) pairs per token, with the experts over ``world`` gloo processes."""
     from ..parallel.launch import run_workers
 
     jobs = [(name, cfg.model.moe) for name, cfg in configs.items() if cfg.model.moe is not None]
-    for name, moe_cfg in jobs:
-        if moe_cfg.num_experts % world:
-            raise ValueError(f"--world {world} does not divide {name}'s {moe_cfg.num_experts} experts")
+    check_world(configs, world)
     with tempfile.TemporaryDirectory(prefix="dualroute-bench-scaling-") as tmp:
         path = os.path.join(tmp, "rows.json")
         run_workers(_bytes_rank, world, jobs, tokens, path, timeout_s=timeout)
@@ -389,9 +394,13 @@ def main(argv: list[str]) -> int:
     if args.jobs > 1 and not any(o.lstrip("-").startswith("train.threads") for o in overrides):
         overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // args.jobs)}")  # no oversubscription
     configs = model_configs(models, overrides)
+    if "bytes" in phases:
+        check_world(configs, args.world)  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
+    skipped = [f"G={G} at E={E}" for E in experts for G in groups if E % G or G < args.groups_per_token]
     print(f"dualroute bench scaling: seeds {','.join(map(str, seeds))}, {len(models)} models: "
-          + ", ".join(m.name for m in models), flush=True)
+          + ", ".join(m.name for m in models)
+          + (f" (skipped, G must divide E and be >= J: {', '.join(skipped)})" if skipped else ""), flush=True)
     if "train" in phases:
         train_missing(models, seeds, out, overrides, args.jobs)
     if "time" in phases:
