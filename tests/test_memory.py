@@ -15,17 +15,21 @@ from dualroute import memory
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                            reason="mallopt is glibc's")
 
-# Allocate, fill and free a 64 MiB tensor a few times, then count the minor page faults of doing it once more.
+# Allocate, fill and free a 64 MiB tensor a few times, then count the minor page faults of doing it once more;
+# the fewest of five such counts, so that a page the VM's host reclaimed in between (seen once in a full run)
+# does not decide it.
 _FAULTS = """
 import json, resource, sys, torch
 from dualroute import memory
 applied = memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 for _ in range(3):
     torch.ones(16 * 2**20).sum()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(16 * 2**20).sum()
-print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
-                  "kept": memory.freed_memory_kept()}))
+counts = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20).sum()
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": min(counts), "kept": memory.freed_memory_kept()}))
 """
 
 
