@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dualroute.bench import scaling
-from dualroute.bench.scaling import Model, equal_time_loss, study_models, verdict
+from dualroute.bench.scaling import Model, equal_time_loss, steps_to_target, study_models, summarize, verdict
 
 
 def test_study_models_keep_the_active_size_and_skip_what_cannot_be_grouped():
@@ -34,6 +34,28 @@ def test_equal_time_is_the_twins_steps_over_the_step_time_ratio():
     assert equal_time_loss(evals, 20, 0.5) is None  # would need 40 steps: the run is too short
     with pytest.raises(ValueError, match="ratio must be > 0"):
         equal_time_loss(evals, 20, 0.0)
+
+
+def test_steps_to_target_interpolates_to_the_twins_final_loss_and_says_when_not_reached():
+    def evals(*points):
+        return [{"step": step, "val_loss": loss, "train_time": step / 10} for step, loss in points]
+
+    twin = evals((0, 3.0), (50, 2.0), (100, 1.5))
+    fast = evals((0, 3.0), (40, 2.0), (60, 1.0))
+    assert steps_to_target(fast, twin) == pytest.approx(0.5)  # 1.5 halfway between steps 40 and 60
+    assert steps_to_target(twin, twin) == 1.0
+    assert steps_to_target(evals((100, 1.6)), twin) is None
+
+    def run(seed, history):
+        return {"seed": seed, "evals": history, "summary": {"params_total": 1, "params_active": 1}}
+
+    runs = {"dense": [run(0, twin), run(1, twin)], "flat-E4": [run(0, fast), run(1, twin[:2])]}
+    timing = {"step_s": {"dense": 1.0, "flat-E4": 1.2}, "router_s": {"flat-E4": 0.1}}
+    rows = summarize([Model("dense", "lm-dense"), Model("flat-E4", "lm-flat", 4, 1, 1)], runs, timing, None)
+    assert rows["flat-E4"]["steps_to_target"] == [pytest.approx(0.5), None]
+    assert rows["flat-E4"]["time_to_target"] == [pytest.approx(0.6), None]  # steps x the step-time ratio
+    table = scaling.report_table(rows, {**timing, "repeats": 1, "tokens_per_step": 8, "threads": 1}, None)
+    assert "| 0.50 (1 not reached) | 0.60 (1 not reached) |" in table
 
 
 def test_verdict_needs_the_difference_beyond_twice_its_spread():

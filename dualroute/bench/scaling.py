@@ -23,7 +23,9 @@ Three phases, chosen by ``--phases``; each reuses what an earlier call left in `
    step.
 
 The report (``scaling.md``, ``scaling.json``, ``scaling.png`` in ``--out``) gives each model's validation
-loss at equal steps (the last evaluation) and at equal time, mean ± std over seeds. Equal time is the
+loss at equal steps (the last evaluation) and at equal time, and the steps it takes to reach the twin's final
+loss as a share of the twin's (interpolated between evaluations; times the step-time ratio, the time it takes),
+mean ± std over seeds. Equal time is the
 twin's training time: the model's loss at the twin's steps divided by its step-time ratio (phase 2),
 interpolated between its evaluations. It comes from the benchmarked step time, not from the runs' own seconds,
 so runs trained side by side or on a busy machine still compare. Dual-layer against flat top-k at the same E
@@ -233,6 +235,15 @@ def equal_time_loss(evals: list[dict], twin_steps: float, step_ratio: float) -> 
     return value_at(evals, twin_steps / step_ratio, "step")
 
 
+def steps_to_target(evals: list[dict], twin_evals: list[dict]) -> float | None:
+    """The steps a model takes to reach the twin's final validation loss, over the twin's steps (linear between
+    evaluations, as ``dualroute compare``); None when it never does."""
+    from ..train.compare import crossing
+
+    hit = crossing(evals, twin_evals[-1]["val_loss"])
+    return hit.step / twin_evals[-1]["step"] if hit else None
+
+
 def verdict(differences: list[float]) -> str:
     """Dual-layer minus flat, per seed: "better" (lower loss) or "worse" when the mean is more than twice the
     standard deviation of the differences away from 0, else "level"; no verdict from one seed."""
@@ -246,15 +257,16 @@ def verdict(differences: list[float]) -> str:
     return "level"
 
 
-def _fmt(values: list[float | None], fmt: str = ".4f") -> str:
+def _fmt(values: list[float | None], fmt: str = ".4f", missing: str = "run too short") -> str:
+    """Mean ± std of the values present; ``missing`` says why the others are not (or stands for all of them)."""
     from ..train.compare import mean_std
 
     present = [v for v in values if v is not None]
     if not present:
-        return "run too short"
+        return missing
     mean, std = mean_std(present)
     text = f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}" if len(present) > 1 else f"{mean:{fmt}}"
-    return text if len(present) == len(values) else f"{text} ({len(values) - len(present)} too short)"
+    return text if len(present) == len(values) else f"{text} ({len(values) - len(present)} {missing})"
 
 
 def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dict | None) -> dict:
@@ -271,11 +283,15 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
                "step_ratio": ratio,
                "loss_equal_time": ([equal_time_loss(r["evals"], twin[r["seed"]]["evals"][-1]["step"], ratio)
                                     for r in rs] if ratio else None),
+               "steps_to_target": [steps_to_target(r["evals"], twin[r["seed"]]["evals"]) for r in rs],
                "router_share": (timing["router_s"][m.name] / timing["step_s"][m.name]
                                 if timing and m.name in timing["router_s"] else None),
                "bytes_per_token": (traffic["models"][m.name]["bytes_per_token"]
                                    if traffic and m.name in traffic["models"] else None),
                "params_total": rs[0]["summary"]["params_total"], "params_active": rs[0]["summary"]["params_active"]}
+        # the twin's seconds to its final loss, times the step ratio: an estimate from benchmarked step times
+        row["time_to_target"] = ([None if s is None else s * ratio for s in row["steps_to_target"]]
+                                 if ratio else None)
         if m.G > 1:
             flat = {r["seed"]: r for r in runs[f"flat-E{m.E}"]}
             row["minus_flat"] = [r["evals"][-1]["val_loss"] - flat[r["seed"]]["evals"][-1]["val_loss"] for r in rs]
@@ -287,8 +303,9 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
 def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
     bytes_head = f"sent B/token (EP over {traffic['world']})" if traffic else "sent B/token (EP)"
     lines = ["| model | E | G | J | total params | val loss, equal steps | val loss, equal time | step time / dense "
+             "| steps to dense's loss (× dense) | time to it (× dense) "
              f"| router share | {bytes_head} | dual - flat (equal steps) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         dash = "-"
         vs_flat = f"{_fmt(r['minus_flat'], '+.4f')}: {r['verdict']}" if "minus_flat" in r else dash
@@ -296,6 +313,8 @@ def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
             name, str(r["E"] or dash), str(r["G"] or dash), str(r["J"] or dash), f"{r['params_total']:,}",
             _fmt(r["loss_equal_steps"]), _fmt(r["loss_equal_time"]) if r["loss_equal_time"] else dash,
             f"{r['step_ratio']:.3f}" if r["step_ratio"] else dash,
+            _fmt(r["steps_to_target"], ".2f", "not reached"),
+            _fmt(r["time_to_target"], ".2f", "not reached") if r["time_to_target"] else dash,
             f"{100 * r['router_share']:.1f}%" if r["router_share"] is not None else dash,
             f"{r['bytes_per_token']:,.0f}" if r["bytes_per_token"] is not None else dash, vs_flat]) + " |")
     seeds = next(iter(rows.values()))["seeds"]
