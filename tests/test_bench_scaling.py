@@ -50,12 +50,32 @@ def test_steps_to_target_interpolates_to_the_twins_final_loss_and_says_when_not_
         return {"seed": seed, "evals": history, "summary": {"params_total": 1, "params_active": 1}}
 
     runs = {"dense": [run(0, twin), run(1, twin)], "flat-E4": [run(0, fast), run(1, twin[:2])]}
-    timing = {"step_s": {"dense": 1.0, "flat-E4": 1.2}, "router_s": {"flat-E4": 0.1}}
+    timing = scaling.merge_timings([{"step_s": {"dense": 1.0, "flat-E4": 1.2}, "router_s": {"flat-E4": 0.1},
+                                     "repeats": 1, "tokens_per_step": 8, "threads": 1}])
     rows = summarize([Model("dense", "lm-dense"), Model("flat-E4", "lm-flat", 4, 1, 1)], runs, timing, None)
     assert rows["flat-E4"]["steps_to_target"] == [pytest.approx(0.5), None]
     assert rows["flat-E4"]["time_to_target"] == [pytest.approx(0.6), None]  # steps x the step-time ratio
-    table = scaling.report_table(rows, {**timing, "repeats": 1, "tokens_per_step": 8, "threads": 1}, None)
+    table = scaling.report_table(rows, timing, None)
     assert "| 0.50 (1 not reached) | 0.60 (1 not reached) |" in table
+
+
+def test_the_step_ratio_is_the_median_over_time_runs_of_each_runs_own_ratio(tmp_path):
+    def run(dense, flat, router):
+        return {"step_s": {"dense": dense, "flat-E4": flat}, "router_s": {"flat-E4": router},
+                "repeats": 9, "tokens_per_step": 8, "threads": 2}
+
+    runs = [run(1.0, 1.1, 0.11), run(2.0, 2.6, 0.13), run(1.0, 1.2, 0.06)]  # the second run's VM was slow
+    merged = scaling.merge_timings(runs)
+    assert merged["step_ratio"] == {"dense": 1.0, "flat-E4": pytest.approx(1.2)}  # of 1.1, 1.3, 1.2
+    assert merged["router_share"] == {"flat-E4": pytest.approx(0.05)}  # of 0.1, 0.05, 0.05
+    assert merged["runs"] == 3 and scaling.merge_timings([]) is None
+    assert scaling.merge_timings(runs[:2])["step_ratio"]["flat-E4"] == pytest.approx(1.2)  # two: their mean
+    path = tmp_path / "time.json"
+    assert scaling.read_timings(path) == []
+    path.write_text(json.dumps(runs[0]))  # one run, as the file was before runs were kept
+    assert scaling.read_timings(path) == [runs[0]]
+    path.write_text(json.dumps({"runs": runs}))
+    assert scaling.read_timings(path) == runs
 
 
 def test_verdict_needs_the_difference_beyond_twice_its_spread():
@@ -81,6 +101,7 @@ def test_a_tiny_study_trains_times_and_reports_and_resumes_without_retraining(tm
     rows = saved["rows"]
     assert set(rows) == {"dense", "flat-E4", "dual-G2-E4"} and rows["dense"]["step_ratio"] == 1.0
     assert rows["flat-E4"]["bytes_per_token"] > 0 and 0 < rows["dual-G2-E4"]["router_share"] < 1
+    assert saved["time"]["runs"] == 1 and len(saved["time_runs"]) == 1
     assert rows["dual-G2-E4"]["minus_flat"] == [pytest.approx(rows["dual-G2-E4"]["loss_equal_steps"][0]
                                                               - rows["flat-E4"]["loss_equal_steps"][0])]
     assert any(o.startswith("train.threads=") for o in saved["overrides"])  # --jobs 2 shares the cores
@@ -93,6 +114,9 @@ def test_a_tiny_study_trains_times_and_reports_and_resumes_without_retraining(tm
 
     monkeypatch.setattr(subprocess, "Popen", no_training)
     assert scaling.main(argv[:-len(TINY)] + ["--phases", ""] + TINY) == 0  # the report again, from --out
+    assert scaling.main(argv[:-len(TINY)] + ["--phases", "time"] + TINY) == 0  # a second time run is kept
+    saved = json.loads((out / "scaling.json").read_text())
+    assert saved["time"]["runs"] == 2 and "median of 2 such runs" in (out / "scaling.md").read_text()
 
 
 def test_a_failed_run_is_named_with_its_log(tmp_path, monkeypatch):

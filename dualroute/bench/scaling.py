@@ -17,7 +17,9 @@ Three phases, chosen by ``--phases``; each reuses what an earlier call left in `
    compared; their steps are.
 2. ``time``: one AdamW training step of every model, alternating in this process (as ``bench lm``), median
    of ``--repeats``; and the router's share of it: one MoE layer's router forward + backward
-   (``layer_parts``), times the model's MoE layers, over its step.
+   (``layer_parts``), times the model's MoE layers, over its step. Each call adds a run to the ones kept in
+   ``--out``, and the report takes each model's median ratio over them (remove ``scaling_time.json`` to start
+   over): one run on a shared VM moves by 5-10%.
 3. ``bytes``: one MoE layer of every model under expert parallelism over ``--world`` local gloo processes (as
    ``bench ep``, random weights and tokens): the bytes a rank sends to the others per token per training
    step.
@@ -44,6 +46,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -167,6 +170,26 @@ def time_steps(configs: dict, repeats: int, threads: int) -> dict:
             **device_setup(torch.device("cpu"), threads), "torch": torch.__version__}
 
 
+def read_timings(path: Path) -> list[dict]:
+    """The time phase's runs kept in ``path`` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    return saved["runs"] if "runs" in saved else [saved]  # a file from before runs were kept: one run
+
+
+def merge_timings(runs: list[dict]) -> dict | None:
+    """Per model, the median over the time phase's runs of its step time over the twin's and of its router
+    share. Ratios are taken within a run, then the median across runs, so a run the VM made slower as a whole
+    still gives its ratios."""
+    if not runs:
+        return None
+    names = runs[0]["step_s"]
+    return {"step_ratio": {n: median([r["step_s"][n] / r["step_s"]["dense"] for r in runs]) for n in names},
+            "router_share": {n: median([r["router_s"][n] / r["step_s"][n] for r in runs]) for n in runs[0]["router_s"]},
+            "runs": len(runs), **{k: runs[-1][k] for k in ("repeats", "tokens_per_step", "threads")}}
+
+
 # ------------------------------------------------------------------------------------------- bytes
 
 
@@ -276,7 +299,7 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
     rows = {}
     for m in models:
         rs = runs[m.name]
-        ratio = timing["step_s"][m.name] / timing["step_s"]["dense"] if timing else None
+        ratio = timing["step_ratio"][m.name] if timing else None
         row = {"E": m.E, "G": m.G, "J": m.J, "seeds": [r["seed"] for r in rs],
                "steps": [r["evals"][-1]["step"] for r in rs],
                "loss_equal_steps": [r["evals"][-1]["val_loss"] for r in rs],
@@ -284,8 +307,7 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
                "loss_equal_time": ([equal_time_loss(r["evals"], twin[r["seed"]]["evals"][-1]["step"], ratio)
                                     for r in rs] if ratio else None),
                "steps_to_target": [steps_to_target(r["evals"], twin[r["seed"]]["evals"]) for r in rs],
-               "router_share": (timing["router_s"][m.name] / timing["step_s"][m.name]
-                                if timing and m.name in timing["router_s"] else None),
+               "router_share": timing["router_share"].get(m.name) if timing else None,
                "bytes_per_token": (traffic["models"][m.name]["bytes_per_token"]
                                    if traffic and m.name in traffic["models"] else None),
                "params_total": rs[0]["summary"]["params_total"], "params_active": rs[0]["summary"]["params_active"]}
@@ -322,7 +344,9 @@ def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
              f"{next(iter(rows.values()))['params_active']:,} (dense) for every model up to its router."]
     if timing:
         notes.append(f"Step time: median of {timing['repeats']} AdamW steps of {timing['tokens_per_step']} tokens, "
-                     f"models alternating, {timing['threads']} threads; equal time = the twin's steps over the "
+                     f"models alternating, {timing['threads']} threads; the ratios are the median of "
+                     f"{timing['runs']} such run{'s' if timing['runs'] > 1 else ''} of the time phase; "
+                     "equal time = the twin's steps over the "
                      "model's step-time ratio.")
     if traffic:
         notes.append(f"Bytes: one MoE layer's experts over {traffic['world']} gloo processes, "
@@ -424,22 +448,26 @@ def main(argv: list[str]) -> int:
         train_missing(models, seeds, out, overrides, args.jobs)
     if "time" in phases:
         print(f"timing steps: {describe_device(torch.device('cpu'), args.threads)}", flush=True)
-        write_json(str(out / TIME_FILE), time_steps(configs, args.repeats, args.threads))
+        kept = read_timings(out / TIME_FILE)  # each call adds a run; the report takes the median of them
+        write_json(str(out / TIME_FILE), {"runs": kept + [time_steps(configs, args.repeats, args.threads)]})
     if "bytes" in phases:
         print(f"bytes under expert parallelism over {args.world} processes", flush=True)
         write_json(str(out / BYTES_FILE), expert_parallel_bytes(configs, args.world, args.ep_tokens))
     runs = gather_runs(out, [m.name for m in models], seeds)
-    timing = json.loads((out / TIME_FILE).read_text()) if (out / TIME_FILE).is_file() else None
+    timings = read_timings(out / TIME_FILE)
     traffic = json.loads((out / BYTES_FILE).read_text()) if (out / BYTES_FILE).is_file() else None
-    stale = [m.name for m in models if (timing and m.name not in timing["step_s"])
+    stale = [m.name for m in models if any(m.name not in t["step_s"] for t in timings)
              or (traffic and m.E and m.name not in traffic["models"])]
     if stale:
-        p.error(f"{out} has no step time or bytes of {', '.join(stale)}: run --phases time,bytes again")
+        p.error(f"{out} has no step time or bytes of {', '.join(stale)}: remove {TIME_FILE} (every time run must "
+                f"hold every model) and run --phases time,bytes again")
+    timing = merge_timings(timings)
     rows = summarize(models, runs, timing, traffic)
     table = report_table(rows, timing, traffic)
     (out / "scaling.md").write_text(table + "\n")
     write_json(str(out / "scaling.json"), {"models": [asdict(m) for m in models], "overrides": overrides,
-                                           "rows": rows, "time": timing, "bytes": traffic})
+                                           "rows": rows, "time": timing, "time_runs": timings,
+                                           "bytes": traffic})
     plot(rows, out / "scaling.png")
     print(table)
     return 0
