@@ -56,7 +56,7 @@ def test_steps_to_target_interpolates_to_the_twins_final_loss_and_says_when_not_
     assert rows["flat-E4"]["steps_to_target"] == [pytest.approx(0.5), None]
     assert rows["flat-E4"]["time_to_target"] == [pytest.approx(0.6), None]  # steps x the step-time ratio
     table = scaling.report_table(rows, timing, None)
-    assert "| 0.50 (1 not reached) | 0.60 (1 not reached) |" in table
+    assert "| 0.50 (1 not reached) | 0.60 (1 not reached) | 8.3% | - |" in table  # router share 0.1 / 1.2
 
 
 def test_the_step_ratio_is_the_median_over_time_runs_of_each_runs_own_ratio(tmp_path):
@@ -65,6 +65,10 @@ def test_the_step_ratio_is_the_median_over_time_runs_of_each_runs_own_ratio(tmp_
                 "repeats": 9, "tokens_per_step": 8, "threads": 2}
 
     runs = [run(1.0, 1.1, 0.11), run(2.0, 2.6, 0.13), run(1.0, 1.2, 0.06)]  # the second run's VM was slow
+    assert scaling.merge_timings(runs)["optimizer_share"] == {}  # runs from before the update was timed
+    runs[1]["optimizer_s"], runs[2]["optimizer_s"] = {"dense": 0.2, "flat-E4": 0.52}, {"dense": 0.1, "flat-E4": 0.3}
+    assert scaling.merge_timings(runs)["optimizer_share"] == {"dense": pytest.approx(0.1),  # of 0.1, 0.1
+                                                              "flat-E4": pytest.approx(0.225)}  # of 0.2, 0.25
     merged = scaling.merge_timings(runs)
     assert merged["step_ratio"] == {"dense": 1.0, "flat-E4": pytest.approx(1.2)}  # of 1.1, 1.3, 1.2
     assert merged["router_share"] == {"flat-E4": pytest.approx(0.05)}  # of 0.1, 0.05, 0.05
@@ -102,6 +106,7 @@ def test_a_tiny_study_trains_times_and_reports_and_resumes_without_retraining(tm
     assert set(rows) == {"dense", "flat-E4", "dual-G2-E4"} and rows["dense"]["step_ratio"] == 1.0
     assert rows["flat-E4"]["bytes_per_token"] > 0 and 0 < rows["dual-G2-E4"]["router_share"] < 1
     assert saved["time"]["runs"] == 1 and len(saved["time_runs"]) == 1
+    assert 0 < rows["flat-E4"]["optimizer_share"] < 1 and 0 < rows["dense"]["optimizer_share"] < 1
     assert rows["dual-G2-E4"]["minus_flat"] == [pytest.approx(rows["dual-G2-E4"]["loss_equal_steps"][0]
                                                               - rows["flat-E4"]["loss_equal_steps"][0])]
     assert any(o.startswith("train.threads=") for o in saved["overrides"])  # --jobs 2 shares the cores

@@ -17,7 +17,8 @@ Three phases, chosen by ``--phases``; each reuses what an earlier call left in `
    compared; their steps are.
 2. ``time``: one AdamW training step of every model, alternating in this process (as ``bench lm``), median
    of ``--repeats``; and the router's share of it: one MoE layer's router forward + backward
-   (``layer_parts``), times the model's MoE layers, over its step. Each call adds a run to the ones kept in
+   (``layer_parts``), times the model's MoE layers, over its step; and the AdamW update's share (the optimizer
+   step alone, alternating, on the last step's gradients), which grows with the total parameters. Each call adds a run to the ones kept in
    ``--out``, and the report takes each model's median ratio over them (remove ``scaling_time.json`` to start
    over): one run on a shared VM moves by 5-10%.
 3. ``bytes``: one MoE layer of every model under expert parallelism over ``--world`` local gloo processes (as
@@ -163,10 +164,13 @@ def time_steps(configs: dict, repeats: int, threads: int) -> dict:
         idx_BS = torch.randint(0, cfg.model.vocab_size, (first.batch_size, first.seq_len + 1), generator=gen)
         contenders.append(Contender(name, lm_train_step(model, idx_BS)))
     step_s = time_alternating(contenders, repeats, warmup=3)
+    # the AdamW update alone, on the gradients the last step left: it grows with the total parameters, not the active
+    optimizer_s = time_alternating([Contender(c.name, c.step.optimizer.step) for c in contenders], repeats)
     tokens = first.batch_size * first.seq_len
     router_s = {name: layer_parts(cfg.model.moe, tokens, repeats)["router"] * moe_layers[name]
                 for name, cfg in configs.items() if cfg.model.moe is not None}
-    return {"step_s": step_s, "router_s": router_s, "tokens_per_step": tokens, "repeats": repeats,
+    return {"step_s": step_s, "router_s": router_s, "optimizer_s": optimizer_s, "tokens_per_step": tokens,
+            "repeats": repeats,
             **device_setup(torch.device("cpu"), threads), "torch": torch.__version__}
 
 
@@ -185,8 +189,11 @@ def merge_timings(runs: list[dict]) -> dict | None:
     if not runs:
         return None
     names = runs[0]["step_s"]
+    with_optimizer = [r for r in runs if "optimizer_s" in r]  # runs from before it was timed have none
     return {"step_ratio": {n: median([r["step_s"][n] / r["step_s"]["dense"] for r in runs]) for n in names},
             "router_share": {n: median([r["router_s"][n] / r["step_s"][n] for r in runs]) for n in runs[0]["router_s"]},
+            "optimizer_share": ({n: median([r["optimizer_s"][n] / r["step_s"][n] for r in with_optimizer]) for n in names}
+                                if with_optimizer else {}),
             "runs": len(runs), **{k: runs[-1][k] for k in ("repeats", "tokens_per_step", "threads")}}
 
 
@@ -308,6 +315,7 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
                                     for r in rs] if ratio else None),
                "steps_to_target": [steps_to_target(r["evals"], twin[r["seed"]]["evals"]) for r in rs],
                "router_share": timing["router_share"].get(m.name) if timing else None,
+               "optimizer_share": timing["optimizer_share"].get(m.name) if timing else None,
                "bytes_per_token": (traffic["models"][m.name]["bytes_per_token"]
                                    if traffic and m.name in traffic["models"] else None),
                "params_total": rs[0]["summary"]["params_total"], "params_active": rs[0]["summary"]["params_active"]}
@@ -326,8 +334,8 @@ def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
     bytes_head = f"sent B/token (EP over {traffic['world']})" if traffic else "sent B/token (EP)"
     lines = ["| model | E | G | J | total params | val loss, equal steps | val loss, equal time | step time / dense "
              "| steps to dense's loss (× dense) | time to it (× dense) "
-             f"| router share | {bytes_head} | dual - flat (equal steps) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| router share | AdamW share | {bytes_head} | dual - flat (equal steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         dash = "-"
         vs_flat = f"{_fmt(r['minus_flat'], '+.4f')}: {r['verdict']}" if "minus_flat" in r else dash
@@ -338,6 +346,7 @@ def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
             _fmt(r["steps_to_target"], ".2f", "not reached"),
             _fmt(r["time_to_target"], ".2f", "not reached") if r["time_to_target"] else dash,
             f"{100 * r['router_share']:.1f}%" if r["router_share"] is not None else dash,
+            f"{100 * r['optimizer_share']:.1f}%" if r["optimizer_share"] is not None else dash,
             f"{r['bytes_per_token']:,.0f}" if r["bytes_per_token"] is not None else dash, vs_flat]) + " |")
     seeds = next(iter(rows.values()))["seeds"]
     notes = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; active parameters "
