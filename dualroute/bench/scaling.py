@@ -193,7 +193,7 @@ def merge_timings(runs: list[dict]) -> dict | None:
     return {"step_ratio": {n: median([r["step_s"][n] / r["step_s"]["dense"] for r in runs]) for n in names},
             "router_share": {n: median([r["router_s"][n] / r["step_s"][n] for r in runs]) for n in runs[0]["router_s"]},
             "optimizer_share": ({n: median([r["optimizer_s"][n] / r["step_s"][n] for r in with_optimizer]) for n in names}
-                                if with_optimizer else {}),
+                                if with_optimizer else {}), "optimizer_runs": len(with_optimizer),
             "runs": len(runs), **{k: runs[-1][k] for k in ("repeats", "tokens_per_step", "threads")}}
 
 
@@ -355,7 +355,9 @@ def report_table(rows: dict, timing: dict | None, traffic: dict | None) -> str:
         notes.append(f"Step time: median of {timing['repeats']} AdamW steps of {timing['tokens_per_step']} tokens, "
                      f"models alternating, {timing['threads']} threads; the ratios are the median of "
                      f"{timing['runs']} such run{'s' if timing['runs'] > 1 else ''} of the time phase; "
-                     "equal time = the twin's steps over the "
+                     + (f"the AdamW share over the {timing['optimizer_runs']} that timed it; "
+                        if 0 < timing.get("optimizer_runs", 0) < timing["runs"] else "")
+                     + "equal time = the twin's steps over the "
                      "model's step-time ratio.")
     if traffic:
         notes.append(f"Bytes: one MoE layer's experts over {traffic['world']} gloo processes, "
