@@ -18,9 +18,9 @@ Three phases, chosen by ``--phases``; each reuses what an earlier call left in `
 2. ``time``: one AdamW training step of every model, alternating in this process (as ``bench lm``), median
    of ``--repeats``; and the router's share of it: one MoE layer's router forward + backward
    (``layer_parts``), times the model's MoE layers, over its step; and the AdamW update's share (the optimizer
-   step alone, alternating, on the last step's gradients), which grows with the total parameters. Each call adds a run to the ones kept in
-   ``--out``, and the report takes each model's median ratio over them (remove ``scaling_time.json`` to start
-   over): one run on a shared VM moves by 5-10%.
+   step alone, alternating, on the last step's gradients), which grows with the total parameters. Each call
+   adds a run to the ones kept in ``--out``, and the report takes each model's median ratio over them (remove
+   ``scaling_time.json`` to start over): one run on a shared VM moves by 5-10%.
 3. ``bytes``: one MoE layer of every model under expert parallelism over ``--world`` local gloo processes (as
    ``bench ep``, random weights and tokens): the bytes a rank sends to the others per token per training
    step.
@@ -28,12 +28,11 @@ Three phases, chosen by ``--phases``; each reuses what an earlier call left in `
 The report (``scaling.md``, ``scaling.json``, ``scaling.png`` in ``--out``) gives each model's validation
 loss at equal steps (the last evaluation) and at equal time, and the steps it takes to reach the twin's final
 loss as a share of the twin's (interpolated between evaluations; times the step-time ratio, the time it takes),
-mean ± std over seeds. Equal time is the
-twin's training time: the model's loss at the twin's steps divided by its step-time ratio (phase 2),
-interpolated between its evaluations. It comes from the benchmarked step time, not from the runs' own seconds,
-so runs trained side by side or on a busy machine still compare. Dual-layer against flat top-k at the same E
-is "better" or "worse" where the mean of the per-seed differences is more than twice their standard
-deviation away from 0, else "level" (with one seed, no verdict).
+mean ± std over seeds. Equal time is the twin's training time: the model's loss at the twin's steps divided by
+its step-time ratio (phase 2), interpolated between its evaluations. It comes from the benchmarked step time, not
+from the runs' own seconds, so runs trained side by side or on a busy machine still compare. Dual-layer against
+flat top-k at the same E is "better" or "worse" where the mean of the per-seed differences is more than twice
+their standard deviation away from 0, else "level" (with one seed, no verdict).
 """
 
 from __future__ import annotations
@@ -170,8 +169,7 @@ def time_steps(configs: dict, repeats: int, threads: int) -> dict:
     router_s = {name: layer_parts(cfg.model.moe, tokens, repeats)["router"] * moe_layers[name]
                 for name, cfg in configs.items() if cfg.model.moe is not None}
     return {"step_s": step_s, "router_s": router_s, "optimizer_s": optimizer_s, "tokens_per_step": tokens,
-            "repeats": repeats,
-            **device_setup(torch.device("cpu"), threads), "torch": torch.__version__}
+            "repeats": repeats, **device_setup(torch.device("cpu"), threads), "torch": torch.__version__}
 
 
 def read_timings(path: Path) -> list[dict]:
@@ -183,18 +181,19 @@ def read_timings(path: Path) -> list[dict]:
 
 
 def merge_timings(runs: list[dict]) -> dict | None:
-    """Per model, the median over the time phase's runs of its step time over the twin's and of its router
-    share. Ratios are taken within a run, then the median across runs, so a run the VM made slower as a whole
-    still gives its ratios."""
+    """Per model, the median over the time phase's runs of its step time over the twin's, of its router share
+    and of its AdamW share (over the runs that timed it). Ratios are taken within a run, then the median across
+    runs, so a run the VM made slower as a whole still gives its ratios."""
     if not runs:
         return None
-    names = runs[0]["step_s"]
+    def share(key: str, of: list[dict]) -> dict[str, float]:  # median of (key's seconds / the step's), per model
+        return {n: median([r[key][n] / r["step_s"][n] for r in of]) for n in of[0][key]} if of else {}
+
     with_optimizer = [r for r in runs if "optimizer_s" in r]  # runs from before it was timed have none
-    return {"step_ratio": {n: median([r["step_s"][n] / r["step_s"]["dense"] for r in runs]) for n in names},
-            "router_share": {n: median([r["router_s"][n] / r["step_s"][n] for r in runs]) for n in runs[0]["router_s"]},
-            "optimizer_share": ({n: median([r["optimizer_s"][n] / r["step_s"][n] for r in with_optimizer]) for n in names}
-                                if with_optimizer else {}), "optimizer_runs": len(with_optimizer),
-            "runs": len(runs), **{k: runs[-1][k] for k in ("repeats", "tokens_per_step", "threads")}}
+    return {"step_ratio": {n: median([r["step_s"][n] / r["step_s"]["dense"] for r in runs]) for n in runs[0]["step_s"]},
+            "router_share": share("router_s", runs), "optimizer_share": share("optimizer_s", with_optimizer),
+            "optimizer_runs": len(with_optimizer), "runs": len(runs),
+            **{k: runs[-1][k] for k in ("repeats", "tokens_per_step", "threads")}}
 
 
 # ------------------------------------------------------------------------------------------- bytes
@@ -319,7 +318,7 @@ def summarize(models: list[Model], runs: dict, timing: dict | None, traffic: dic
                "bytes_per_token": (traffic["models"][m.name]["bytes_per_token"]
                                    if traffic and m.name in traffic["models"] else None),
                "params_total": rs[0]["summary"]["params_total"], "params_active": rs[0]["summary"]["params_active"]}
-        # the twin's seconds to its final loss, times the step ratio: an estimate from benchmarked step times
+        # its steps to the twin's loss (x the twin's) times its step ratio: its time to it, from benchmarked steps
         row["time_to_target"] = ([None if s is None else s * ratio for s in row["steps_to_target"]]
                                  if ratio else None)
         if m.G > 1:
