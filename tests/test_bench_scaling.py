@@ -88,6 +88,10 @@ def test_the_step_ratio_is_the_median_over_time_runs_of_each_runs_own_ratio(tmp_
     assert scaling.read_timings(path) == [runs[0]]
     path.write_text(json.dumps({"runs": runs}))
     assert scaling.read_timings(path) == runs
+    for bad in ("{not json", json.dumps([1, 2]), json.dumps({"runs": [{"router_s": {}}]})):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="time.json .*remove it and run --phases time again"):
+            scaling.read_timings(path)
 
 
 def test_verdict_needs_the_difference_beyond_twice_its_spread():

@@ -176,8 +176,14 @@ def read_timings(path: Path) -> list[dict]:
     """The time phase's runs kept in ``path`` (none when it does not exist)."""
     if not path.is_file():
         return []
-    saved = json.loads(path.read_text())
-    return saved["runs"] if "runs" in saved else [saved]  # a file from before runs were kept: one run
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not the time phase's JSON ({e}); remove it and run --phases time again") from None
+    runs = saved.get("runs", [saved]) if isinstance(saved, dict) else None  # an older file: one run, not a list
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "step_s" in r for r in runs):
+        raise ValueError(f"{path} does not hold the time phase's runs; remove it and run --phases time again")
+    return runs
 
 
 def merge_timings(runs: list[dict]) -> dict | None:
